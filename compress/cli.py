@@ -1,0 +1,84 @@
+"""`compress` command line: parse, load the recipe, call a stage, print. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from compress.errors import CompressError
+from compress.recipe import describe_keys, dump_recipe, load_recipe
+
+
+def _keys_help() -> str:
+    lines = ["recipe keys (override any with --set KEY=VALUE):"]
+    for path, kind, default, description in describe_keys():
+        if kind == "section":
+            lines.append(f"\n  {path}: {description}")
+            continue
+        lines.append(f"    {path} ({kind}, default {default})")
+        lines.extend(textwrap.wrap(description, width=88, initial_indent="        ", subsequent_indent="        "))
+    return "\n".join(lines)
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file (omit to use all defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. --set distill.steps=50 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Distil, quantize, export and benchmark causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    distill = sub.add_parser(
+        "distill",
+        help="distil a teacher into a smaller student with KL losses",
+        description="Train the recipe's student on the teacher's output distribution and write "
+        "<output_dir>/student (HF folder + compress.json). Multi-process: accelerate launch -m compress.cli distill ...",
+        epilog=_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_recipe_args(distill)
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output_dir>/checkpoints")
+    distill.add_argument("--overwrite", action="store_true", help="replace an existing student artifact / start over")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _distill(args) -> int:
+    from compress.distill.loop import run_distill
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    result = run_distill(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, recipe_file=args.recipe)
+    ev = result.metrics["eval"]
+    print(
+        f"student: {result.artifact}\n"
+        f"  eval ppl {ev['student_ppl']:.2f} (teacher {ev['teacher_ppl']:.2f}), "
+        f"KL(teacher||student) {ev['kl_per_token']:.4f}/token, top-1 agreement {ev['top1_agreement']:.1%}, "
+        f"{result.metrics['tokens_per_s']:.0f} train tokens/s"
+    )
+    return 0
+
+
+COMMANDS = {"distill": _distill}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CompressError as err:
+        print(f"compress {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncompress {args.command}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

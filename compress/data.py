@@ -1,0 +1,179 @@
+"""Text in, packed token blocks out: read .txt/.jsonl(.gz)/folders/HF datasets, tokenize once, cache.
+
+`load_blocks(spec, tokenizer)` returns train and eval blocks of `seq_len` tokens; the cache key is
+the content hash of the source, the tokenizer's vocabulary and the packing settings.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.artifacts import hash_path
+from compress.corpus import builtin_path
+from compress.errors import CompressError
+from compress.models import cache_root
+
+BUILTIN_PREFIX = "builtin:"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".txt.gz")
+
+
+class DataSourceError(CompressError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Blocks:
+    train: torch.Tensor  # (n_train, seq_len) int64
+    eval: torch.Tensor  # (n_eval, seq_len) int64
+    sources: dict[str, str]  # split -> resolved source path
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.shape[1])
+
+
+def resolve_data_path(source: str) -> Path:
+    if source.startswith(BUILTIN_PREFIX):
+        return builtin_path(source[len(BUILTIN_PREFIX):])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataSourceError(f"data path not found: {source}")
+    return path
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[str]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise DataSourceError(f"{path}:{lineno}: no {text_field!r} field (set data.text_field)")
+                yield str(row[text_field])
+    elif name.endswith((".txt", ".txt.gz")):
+        with _open_text(path) as fh:
+            yield fh.read()
+    else:
+        raise DataSourceError(f"{path}: unsupported file type; use {', '.join(TEXT_SUFFIXES)}, a folder of those, or a saved HF dataset")
+
+
+def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents from a file, a folder of text files (sorted, recursive), or a `save_to_disk` dataset."""
+    if _is_hf_dataset(path):
+        try:
+            import datasets
+        except ImportError:
+            raise DataSourceError(f"{path} is a Hugging Face dataset: pip install datasets") from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        if text_field not in ds.column_names:
+            raise DataSourceError(f"{path}: no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
+        yield from (str(t) for t in ds[text_field])
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if not files:
+            raise DataSourceError(f"{path}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
+        for file in files:
+            yield from _read_file(file, text_field)
+    else:
+        yield from _read_file(path, text_field)
+
+
+def pack(texts: Iterator[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenize documents, join them with EOS, cut into (n, seq_len) blocks; the tail is dropped."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    limit = None if max_tokens is None else max_tokens + seq_len
+    for text in texts:
+        if not text.strip():
+            continue
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if limit is not None and len(ids) >= limit:
+            break
+    if max_tokens is not None:
+        ids = ids[: max(max_tokens // seq_len, 1) * seq_len]
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([vocab, tokenizer.eos_token_id, type(tokenizer).__name__]).encode()).hexdigest()[:16]
+
+
+def packed_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_tokens: int | None, cache_dir: Path | None) -> torch.Tensor:
+    """Blocks for one source, from the cache when the same source was packed the same way before."""
+    path = resolve_data_path(source)
+    key = hashlib.sha256(
+        json.dumps([hash_path(path), tokenizer_fingerprint(tokenizer), seq_len, text_field, max_tokens]).encode()
+    ).hexdigest()[:24]
+    cache = (cache_dir or cache_root() / "data") / f"{key}.safetensors"
+    if cache.is_file():
+        return load_file(cache)["blocks"]
+    blocks = pack(read_texts(path, text_field), tokenizer, seq_len, max_tokens)
+    if len(blocks) == 0:
+        raise DataSourceError(f"{source}: fewer than seq_len={seq_len} tokens of text")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".safetensors", dir=cache.parent)
+    os.close(fd)
+    save_file({"blocks": blocks}, tmp, metadata={"source": str(path), "seq_len": str(seq_len)})
+    os.replace(tmp, cache)
+    return blocks
+
+
+def load_blocks(spec, tokenizer) -> Blocks:
+    """Train and eval blocks for a `DataSpec`."""
+    cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
+    train = packed_blocks(spec.train, tokenizer, seq_len=spec.seq_len, text_field=spec.text_field, max_tokens=spec.max_train_tokens, cache_dir=cache_dir)
+    sources = {"train": str(resolve_data_path(spec.train))}
+    if spec.eval is not None:
+        held_out = packed_blocks(spec.eval, tokenizer, seq_len=spec.seq_len, text_field=spec.text_field, max_tokens=spec.max_eval_tokens, cache_dir=cache_dir)
+        sources["eval"] = str(resolve_data_path(spec.eval))
+    else:
+        n_eval = max(1, round(len(train) * spec.eval_fraction))
+        if n_eval >= len(train):
+            raise DataSourceError(f"{spec.train}: only {len(train)} blocks of {spec.seq_len} tokens, too few to hold out an eval set")
+        train, held_out = train[:-n_eval], train[-n_eval:]
+        if spec.max_eval_tokens is not None:
+            held_out = held_out[: max(1, spec.max_eval_tokens // spec.seq_len)]
+        sources["eval"] = sources["train"] + f" (last {spec.eval_fraction:.0%} of blocks)"
+    return Blocks(train=train, eval=held_out, sources=sources)
+
+
+def batch_indices(n_blocks: int, step: int, micro: int, batch_size: int, grad_accum: int, seed: int) -> torch.Tensor:
+    """Block indices of micro-batch `micro` of optimizer step `step` (0-based): a pure function of the
+    position, so a resumed run reads exactly the batches the uninterrupted run would have read."""
+    start = (step * grad_accum + micro) * batch_size
+    epoch, offset = divmod(start, n_blocks)
+    out = []
+    while len(out) < batch_size:
+        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = order[offset : offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        epoch, offset = epoch + 1, 0
+    return torch.tensor(out, dtype=torch.int64)

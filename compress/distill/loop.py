@@ -1,0 +1,290 @@
+"""The distillation stage: `run_distill(recipe, ...)` trains the student and writes its artifact.
+
+An explicit loop (AdamW, warm-up + cosine, clipping, accumulation, checkpoints, resume, eval) on
+top of accelerate, which supplies device placement, bf16 autocast and DDP for multi-process runs
+(`accelerate launch` / `torchrun`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress import models
+from compress.architectures import student_from_config, student_from_teacher
+from compress.artifacts import ArtifactExistsError, ArtifactRecord, describe_input, device_info, write_artifact
+from compress.data import batch_indices, load_blocks
+from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from compress.distill.losses import perplexity
+from compress.errors import CompressError
+from compress.distill.objective import DistillObjective, _head, check_plain_head, evaluate, run_teacher
+from compress.recipe import Recipe
+
+STUDENT_DIR = "student"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class DistillError(CompressError, RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    artifact: Path
+    metrics: dict
+    steps: int
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
+
+
+def build_student(recipe: Recipe, teacher, teacher_tokenizer):
+    """The student and a description of how it was made; vocabularies are checked here."""
+    spec = recipe.student
+    if spec.from_teacher is not None:
+        student, keep = student_from_teacher(teacher, spec.from_teacher.layers)
+        return student, {"from_teacher_layers": keep}
+    if spec.config is not None:
+        student = student_from_config(teacher.config, spec.config, recipe.seed)
+        models.check_same_vocab(teacher, teacher_tokenizer, student, None)
+        return student, {"config_overrides": spec.config}
+    student = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    tokenizer = models.load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    models.check_same_vocab(teacher, teacher_tokenizer, student, tokenizer)
+    return student, {"model": spec.model}
+
+
+def default_hidden_pairs(made: dict, student_layers: int) -> list[tuple[int, int]]:
+    keep = made.get("from_teacher_layers")
+    if keep is None:
+        raise DistillError("distill.hidden.pairs must be given when the student is not built from the teacher's layers")
+    return [(j + 1, t + 1) for j, t in enumerate(keep)][:student_layers]
+
+
+def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    artifact, ckpts = run_dir / STUDENT_DIR, run_dir / CHECKPOINT_DIR
+    if artifact.exists() and not overwrite:
+        raise ArtifactExistsError(f"{artifact} already exists; pass --overwrite to train again")
+    if ckpts.exists() and latest_checkpoint(ckpts) and not (resume or overwrite):
+        raise ArtifactExistsError(f"{ckpts} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over")
+    if overwrite and not resume and ckpts.exists():
+        shutil.rmtree(ckpts)
+
+
+def _accelerator(spec):
+    from accelerate import Accelerator
+
+    cpu = spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise DistillError("distill.device is cuda but no CUDA device is visible to torch")
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and not cpu)
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True, recipe_file: str | None = None) -> DistillResult:
+    start_time = time.perf_counter()
+    spec = recipe.distill
+    run_dir = recipe.run_dir
+    accelerator = _accelerator(spec)
+    if accelerator.is_main_process:
+        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if spec.batch_size % world:
+        raise DistillError(f"distill.batch_size={spec.batch_size} is not divisible by the {world} processes")
+    device = accelerator.device
+
+    t = recipe.teacher
+    teacher = models.load_model(t.model, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    tokenizer = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    check_plain_head(teacher)
+    torch.manual_seed(recipe.seed)
+    student, made = build_student(recipe, teacher, tokenizer)
+    student = student.to(torch.float32)
+    student.config.use_cache = False
+    blocks = load_blocks(recipe.data, tokenizer)
+
+    teacher.to(device).eval().requires_grad_(False)
+    teacher_head = _head(teacher)
+    student.to(device).train()
+    pairs = list(spec.hidden.pairs) or (default_hidden_pairs(made, student.config.num_hidden_layers) if spec.hidden.weight > 0 else [])
+    objective = DistillObjective(student, teacher_head, spec.loss, spec.hidden.weight, pairs)
+    optimizer = make_optimizer(student, spec)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.warmup_steps, spec.steps, spec.min_lr_ratio))
+
+    ckpt_root = run_dir / CHECKPOINT_DIR
+    step, history = 0, []
+    last = latest_checkpoint(ckpt_root) if resume else None
+    if last is not None:
+        state = load_checkpoint(last, student, optimizer, scheduler)
+        step, history = state["step"], state.get("history", [])
+        if state.get("recipe_hash") not in (None, _train_hash(recipe)):
+            raise DistillError(f"{last} was written by a different recipe (model, data or training settings changed); use --overwrite")
+    model = accelerator.prepare(objective)
+
+    # Each process evaluates its own share of the held-out blocks; the teacher's side is fixed, so compute it once.
+    eval_ids = blocks.eval[rank::world]
+    with accelerator.autocast():
+        teacher_eval = _teacher_eval_hidden(teacher, eval_ids, device, spec.batch_size)
+    initial_eval = state.get("initial_eval") if last is not None else None
+    if initial_eval is None:
+        initial_eval = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+    per_rank = spec.batch_size // world
+    tokens_per_step = spec.batch_size * spec.grad_accum * blocks.seq_len
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=spec.steps, initial=step, desc="distill", unit="step", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    log_path = run_dir / "train_log.jsonl"
+    train_time, train_steps = 0.0, 0
+    while step < spec.steps:
+        t0 = time.perf_counter()
+        stats = _train_step(model, objective, teacher, blocks.train, step, spec, recipe.seed, rank, per_rank, device, accelerator, optimizer, scheduler)
+        step += 1
+        train_time += time.perf_counter() - t0
+        train_steps += 1
+        if not math.isfinite(stats["loss"]):
+            good = latest_checkpoint(ckpt_root)
+            raise DistillError(
+                f"loss became {stats['loss']} at step {step}; stopped. Last good checkpoint: {good or 'none'}. "
+                "Lower distill.lr, raise distill.warmup_steps or check the data."
+            )
+        stats.update(step=step, lr=scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step * train_steps / train_time)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
+        if step % spec.eval_every == 0 or step == spec.steps:
+            stats["eval"] = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats["eval"].items() if isinstance(v, float)))
+        history.append(stats)
+        if accelerator.is_main_process:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(stats) + "\n")
+        if step % spec.save_every == 0 and step < spec.steps:
+            accelerator.wait_for_everyone()
+            save_checkpoint(ckpt_root, step, student, optimizer, scheduler, {"history": _brief(history), "initial_eval": initial_eval, "recipe_hash": _train_hash(recipe)}, keep_last=spec.keep_last, rank=rank)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    final = next((h["eval"] for h in reversed(history) if "eval" in h), None)
+    if final is None:
+        final = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+    metrics = {
+        "eval": final,
+        "initial_eval": initial_eval,
+        "eval_history": [{"step": h["step"], **h["eval"]} for h in history if "eval" in h],
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "steps": step,
+        "train_tokens": step * tokens_per_step,
+        "tokens_per_s": tokens_per_step * train_steps / train_time if train_time else None,
+        "processes": world,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        **made,
+    }
+    artifact = run_dir / STUDENT_DIR
+    if accelerator.is_main_process:
+        record = ArtifactRecord(
+            stage="distill",
+            recipe=recipe.model_dump(mode="json"),
+            inputs=[
+                describe_input("teacher", t.model, models.local_path(t.model)),
+                describe_input("train_data", recipe.data.train, blocks.sources["train"]),
+                describe_input("eval_data", recipe.data.eval or recipe.data.train, blocks.sources["train"] if recipe.data.eval is None else blocks.sources["eval"]),
+            ]
+            + ([describe_input("student_init", recipe.student.model, models.local_path(recipe.student.model))] if recipe.student.model else []),
+            metrics=metrics,
+            device=device_info(device.type),
+            wall_time_s=time.perf_counter() - start_time,
+            extra={"recipe_file": recipe_file},
+        )
+        unwrapped = accelerator.unwrap_model(model).student
+        write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    return DistillResult(artifact=artifact, metrics=metrics, steps=step)
+
+
+def _train_hash(recipe: Recipe) -> str:
+    import hashlib
+
+    keep = recipe.model_dump(mode="json", include={"teacher", "student", "data", "distill", "seed"})
+    for key in ("eval_every", "save_every", "keep_last", "num_threads"):
+        keep["distill"].pop(key, None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _brief(history: list[dict]) -> list[dict]:
+    return [h for h in history if "eval" in h] + history[-1:]
+
+
+def _train_step(model, objective, teacher, train_ids, step, spec, seed, rank, per_rank, device, accelerator, optimizer, scheduler) -> dict:
+    totals: dict[str, float] = {}
+    for micro in range(spec.grad_accum):
+        idx = batch_indices(len(train_ids), step, micro, spec.batch_size, spec.grad_accum, seed)[rank * per_rank : (rank + 1) * per_rank]
+        ids = train_ids[idx].to(device)
+        sync = micro == spec.grad_accum - 1
+        with accelerator.autocast(), (accelerator.no_sync(model) if not sync else contextlib.nullcontext()):
+            t_out = run_teacher(teacher, ids, with_hidden_states=objective.hidden_weight > 0)
+            out = model(ids, t_out)
+            accelerator.backward(out["loss"] / spec.grad_accum)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) / spec.grad_accum
+    if accelerator.num_processes > 1:
+        # Report the loss of the global batch, not of this process's share.
+        keys = sorted(totals)
+        vec = accelerator.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device), reduction="mean")
+        totals = dict(zip(keys, vec.tolist()))
+    if spec.max_grad_norm is not None:
+        totals["grad_norm"] = float(accelerator.clip_grad_norm_(objective.student.parameters(), spec.max_grad_norm))
+    if math.isfinite(totals["loss"]):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+@torch.no_grad()
+def _teacher_eval_hidden(teacher, eval_ids: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    outs = [run_teacher(teacher, eval_ids[i : i + batch_size].to(device), with_hidden_states=False).hidden.float().cpu() for i in range(0, len(eval_ids), batch_size)]
+    return torch.cat(outs)
+
+
+def _eval_metrics(student, teacher_head, eval_ids, teacher_hidden, spec, accelerator) -> dict:
+    with accelerator.autocast():
+        sums = evaluate(student, teacher_head, eval_ids, teacher_hidden, batch_size=spec.batch_size, chunk_size=spec.loss.chunk_size)
+    vec = torch.tensor([sums.tokens, sums.student_nll, sums.teacher_nll, sums.kl, sums.top1_agree], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    tokens, s_nll, t_nll, kl, agree = vec.tolist()
+    return {
+        "tokens": int(tokens),
+        "student_ppl": perplexity(s_nll, int(tokens)),
+        "teacher_ppl": perplexity(t_nll, int(tokens)),
+        "kl_per_token": kl / tokens,
+        "top1_agreement": agree / tokens,
+    }

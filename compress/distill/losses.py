@@ -1,0 +1,399 @@
+"""Distillation losses: per-token divergences between teacher and student distributions, a
+chunked fused-linear objective that never holds (N, V) logits, and chunked agreement statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Per-row divergence of (log p_S, log p_T, beta, alpha), each log-prob (N, V) -> (N,).
+_DivergenceFn = Callable[[Tensor, Tensor, float, float], Tensor]
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row; the log-probs are clamped finite, so p = 0 rows add exactly 0."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mix(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(w p + (1 - w) q) for 0 < w < 1, without leaving log-space."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def _forward_kl(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    return _kl(log_t, log_s)
+
+
+def _reverse_kl(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    return _kl(log_s, log_t)
+
+
+def _jsd(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    # TRL's generalized_jsd_loss: the mixture degenerates at the ends, so beta 0/1 mean the plain KLs.
+    if beta == 0.0:
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = _log_mix(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _skew_forward_kl(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    if alpha == 0.0:
+        return _kl(log_t, log_s)
+    return _kl(log_t, _log_mix(log_t, log_s, alpha))
+
+
+def _skew_reverse_kl(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    if alpha == 0.0:
+        return _kl(log_s, log_t)
+    return _kl(log_s, _log_mix(log_s, log_t, alpha))
+
+
+def _tvd(log_s: Tensor, log_t: Tensor, beta: float, alpha: float) -> Tensor:
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+
+
+_DIVERGENCE_FNS: dict[str, _DivergenceFn] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+    "tvd": _tvd,
+}
+DIVERGENCES: tuple[str, ...] = tuple(_DIVERGENCE_FNS)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The knobs of the distillation objective, validated once."""
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    ce_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _DIVERGENCE_FNS:
+            raise ValueError(f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCES}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    # Clamping -inf to the most negative finite value keeps 0 * (-inf - -inf) from becoming NaN.
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_p.clamp(min=torch.finfo(log_p.dtype).min)
+
+
+def _divergence(student_logits: Tensor, teacher_logits: Tensor, obj: _Objective) -> Tensor:
+    log_s = _log_probs(student_logits, obj.temperature)  # (N, V)
+    log_t = _log_probs(teacher_logits, obj.temperature)  # (N, V)
+    return _DIVERGENCE_FNS[obj.kind](log_s, log_t, obj.beta, obj.alpha)
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """(N, V), (N, V) -> (N,) per-token divergence, computed in fp32 on the distributions at
+    temperature T (NOT multiplied by T^2).
+
+    forward_kl KL(p_T||p_S); reverse_kl KL(p_S||p_T); jsd beta*KL(p_T||m) + (1-beta)*KL(p_S||m) with
+    m = beta*p_T + (1-beta)*p_S (TRL's convention; beta 0/1 give forward/reverse KL exactly);
+    skew_forward_kl KL(p_T || alpha*p_T + (1-alpha)*p_S) and skew_reverse_kl
+    KL(p_S || alpha*p_S + (1-alpha)*p_T) (DistiLLM); tvd 0.5*sum|p_T - p_S|.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (N, V)"
+        )
+    obj = _Objective(kind, temperature, beta, alpha)
+    return _divergence(student_logits, teacher_logits, obj)
+
+
+def _chunk_objective(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, obj: _Objective, tokens: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) logits of n unmasked tokens -> (this chunk's share of the loss, divergence sum, CE sum).
+
+    Dividing by the total token count here makes chunk gradients add up to the full gradient.
+    """
+    div = _divergence(student_logits, teacher_logits, obj)  # (n,)
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+    scale = 1.0 / max(tokens, 1)
+    loss = (1.0 - obj.ce_weight) * obj.temperature**2 * scale * div.sum()
+    if obj.ce_weight > 0:
+        loss = loss + obj.ce_weight * scale * ce
+    return loss, div.sum().detach(), ce.detach()
+
+
+@dataclass(frozen=True)
+class DistillLossResult:
+    loss: Tensor  # scalar, differentiable: the training objective
+    divergence: Tensor  # scalar, detached: mean per-token divergence (no T^2)
+    ce: Tensor  # scalar, detached: mean hard-label cross-entropy of the student at T=1
+    tokens: int  # number of unmasked tokens
+
+
+def naive_distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+) -> DistillLossResult:
+    """Reference: the same objective on full (N, V) logits in one go (what fused_distill_loss must
+    equal). Used by tests and the memory benchmark."""
+    obj = _Objective(kind, temperature, beta, alpha, ce_weight)
+    keep = labels != ignore_index  # (N,)
+    tokens = int(keep.sum())
+    loss, div_sum, ce_sum = _chunk_objective(
+        student_logits[keep], teacher_logits[keep].detach(), labels[keep], obj, tokens
+    )
+    scale = 1.0 / max(tokens, 1)
+    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=tokens)
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(n, H) rows through an lm_head (V, H) -> (n, V) fp32 logits."""
+    logits = (hidden.to(weight.dtype) @ weight.T).float()
+    return logits if bias is None else logits + bias.float()
+
+
+def _distill_chunks(
+    sh: Tensor, sw: Tensor, sb: Optional[Tensor],
+    th: Tensor, tw: Tensor, tb: Optional[Tensor],
+    labels: Tensor, rows: Tensor, obj: _Objective, chunk_size: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Loss, divergence sum, CE sum over `rows`, and fp32 grads of the loss (None where not needed)."""
+    need_h, need_w, need_b = needs
+    grad_h = torch.zeros(sh.shape, dtype=torch.float32, device=sh.device) if need_h else None  # (N, H)
+    grad_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None  # (V, H)
+    grad_b = torch.zeros(sb.shape, dtype=torch.float32, device=sb.device) if need_b else None  # (V,)
+    # Three separate scalars rather than views of one buffer: they become autograd outputs.
+    loss_sum, div_total, ce_total = (torch.zeros((), device=sh.device) for _ in range(3))
+    tokens = rows.numel()
+    for chunk in rows.split(chunk_size):
+        h = sh[chunk].to(sw.dtype)  # (c, H_s)
+        with torch.no_grad():
+            z_t = _project(th[chunk], tw, tb)  # (c, V)
+            z_s = _project(h, sw, sb)  # (c, V)
+        if any(needs):
+            # Differentiate only logits -> loss with autograd; the lm_head matmuls are done by hand
+            # so each chunk's (c, V) graph is freed before the next chunk starts.
+            with torch.enable_grad():
+                z_s.requires_grad_(True)
+                loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
+                (g,) = torch.autograd.grad(loss, z_s)  # (c, V) fp32
+            if need_h:
+                grad_h.index_copy_(0, chunk, (g.to(sw.dtype) @ sw).float())
+            if need_w:
+                grad_w.addmm_(g.T, h.float())
+            if need_b:
+                grad_b += g.sum(0)
+        else:
+            loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
+        loss_sum += loss.detach()
+        div_total += div_sum
+        ce_total += ce_sum
+    return loss_sum, div_total, ce_total, grad_h, grad_w, grad_b
+
+
+class _FusedDistillFunction(torch.autograd.Function):
+    """Gradients are computed during forward, chunk by chunk, so backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, labels, rows, obj, chunk_size):
+        needs = tuple(ctx.needs_input_grad[:3])
+        loss, div_sum, ce_sum, *grads = _distill_chunks(sh, sw, sb, th, tw, tb, labels, rows, obj, chunk_size, needs)
+        # Stored in the inputs' dtypes: for bf16 models that halves what is kept until backward.
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (sh, sw, sb))]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(div_sum, ce_sum)
+        return loss, div_sum, ce_sum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_div, _grad_ce):
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Optional[Tensor],
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    labels: Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> DistillLossResult:
+    """loss = (1 - ce_weight) * T^2 * mean divergence + ce_weight * mean CE(T=1), over tokens whose
+    label is not ignore_index, computed from hidden states (N, H) and lm_heads (V, H) in chunks of
+    `chunk_size` rows, so peak memory grows with chunk_size * V rather than N * V.
+
+    The teacher side is detached. Gradients for the student hidden/weight/bias are computed in the
+    forward pass (Liger-style fused linear loss) and returned in the inputs' dtypes.
+    """
+    obj = _Objective(kind, temperature, beta, alpha, ce_weight)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = labels.shape[0]
+    if labels.dim() != 1 or student_hidden.shape[0] != n or teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"labels {tuple(labels.shape)}, student_hidden {tuple(student_hidden.shape)} and "
+            f"teacher_hidden {tuple(teacher_hidden.shape)} must share the token dimension N"
+        )
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # (tokens,)
+    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
+               None if teacher_bias is None else teacher_bias.detach())
+    student = (student_hidden, student_weight, student_bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
+        loss, div_sum, ce_sum = _FusedDistillFunction.apply(
+            *student, *teacher, labels, rows, obj, chunk_size
+        )
+    else:
+        loss, div_sum, ce_sum, *_ = _distill_chunks(
+            *student, *teacher, labels, rows, obj, chunk_size, (False, False, False)
+        )
+    scale = 1.0 / max(rows.numel(), 1)
+    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=rows.numel())
+
+
+def hidden_state_loss(
+    student_hiddens: Sequence[Tensor],
+    teacher_hiddens: Sequence[Tensor],
+    pairs: Sequence[tuple[int, int]],
+    mask: Tensor,
+) -> Tensor:
+    """Mean over pairs of the masked MSE between student layer s and teacher layer t hidden states,
+    (B, T, H) each; mask (B, T) bool/0-1: masked positions contribute nothing. Hidden sizes must
+    match: ValueError otherwise, naming the pair.
+
+    Indices index the given sequences (HF `hidden_states`: index 0 is the embeddings output).
+    The teacher side is detached.
+    """
+    if not pairs:
+        raise ValueError("hidden_state_loss needs at least one (student_layer, teacher_layer) pair")
+    weight = mask.float()  # (B, T)
+    positions = weight.sum().clamp(min=1.0)
+    total = 0.0
+    for s, t in pairs:
+        if not (-len(student_hiddens) <= s < len(student_hiddens)
+                and -len(teacher_hiddens) <= t < len(teacher_hiddens)):
+            raise ValueError(
+                f"pair ({s}, {t}) is out of range: {len(student_hiddens)} student and "
+                f"{len(teacher_hiddens)} teacher hidden states"
+            )
+        hs, ht = student_hiddens[s], teacher_hiddens[t]  # (B, T, H) each
+        if hs.shape != ht.shape:
+            raise ValueError(
+                f"pair ({s}, {t}): student hidden {tuple(hs.shape)} and teacher hidden "
+                f"{tuple(ht.shape)} differ; project the student or pick layers of equal width"
+            )
+        sq = (hs.float() - ht.detach().float()).pow(2).mean(-1)  # (B, T)
+        total = total + (sq * weight).sum() / positions
+    return total / len(pairs)
+
+
+@dataclass(frozen=True)
+class AgreementSums:
+    tokens: int
+    student_nll: float  # sum over unmasked tokens of -log p_S(label) at T=1
+    teacher_nll: float  # same for the teacher
+    kl: float  # sum of KL(p_T || p_S) at T=1
+    top1_agree: int  # count where argmax student == argmax teacher
+
+    def __add__(self, other: "AgreementSums") -> "AgreementSums":
+        if not isinstance(other, AgreementSums):
+            return NotImplemented
+        return AgreementSums(
+            tokens=self.tokens + other.tokens,
+            student_nll=self.student_nll + other.student_nll,
+            teacher_nll=self.teacher_nll + other.teacher_nll,
+            kl=self.kl + other.kl,
+            top1_agree=self.top1_agree + other.top1_agree,
+        )
+
+    def __radd__(self, other: object) -> "AgreementSums":
+        # Lets the builtin sum() start from 0.
+        if other == 0:
+            return self
+        return NotImplemented
+
+
+@torch.no_grad()
+def agreement_sums(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Optional[Tensor],
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> AgreementSums:
+    """Chunked evaluation statistics (no (N,V) tensors held at once)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # (tokens,)
+    # float64 accumulators: the sums run over whole evaluation sets.
+    sums = torch.zeros(4, dtype=torch.float64, device=student_hidden.device)
+    for chunk in rows.split(chunk_size):
+        z_s = _project(student_hidden[chunk], student_weight, student_bias)  # (c, V)
+        z_t = _project(teacher_hidden[chunk], teacher_weight, teacher_bias)  # (c, V)
+        y = labels[chunk]
+        sums += torch.stack([
+            F.cross_entropy(z_s, y, reduction="sum"),
+            F.cross_entropy(z_t, y, reduction="sum"),
+            _kl(_log_probs(z_t, 1.0), _log_probs(z_s, 1.0)).sum(),
+            (z_s.argmax(-1) == z_t.argmax(-1)).sum().float(),
+        ]).double()
+    student_nll, teacher_nll, kl, agree = sums.tolist()
+    return AgreementSums(rows.numel(), student_nll, teacher_nll, kl, int(agree))
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean NLL); inf where that overflows a float."""
+    if tokens <= 0:
+        raise ValueError(f"perplexity needs at least one token, got tokens={tokens}")
+    try:
+        return math.exp(nll_sum / tokens)
+    except OverflowError:
+        return float("inf")

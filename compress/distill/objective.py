@@ -1,0 +1,96 @@
+"""The student's training objective as one module, so DDP sees the whole loss inside `forward`.
+
+Both models run without their lm_head; the fused loss applies the heads chunk by chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.architectures import UnsupportedArchitectureError
+from compress.distill.losses import AgreementSums, agreement_sums, fused_distill_loss, hidden_state_loss
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    hidden: torch.Tensor  # (B, T, H_t) final (normed) hidden states
+    hidden_states: tuple[torch.Tensor, ...] | None  # per layer, only for the hidden-state loss
+
+
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def check_plain_head(model) -> None:
+    """The fused loss assumes logits = hidden @ W.T (+ b); refuse models that post-process logits."""
+    config = model.config
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            raise UnsupportedArchitectureError(f"{config.model_type}: logits are post-processed ({key}={value}); the fused distillation loss does not support it")
+
+
+@torch.no_grad()
+def run_teacher(teacher, input_ids: torch.Tensor, *, with_hidden_states: bool) -> TeacherOutput:
+    out = teacher.base_model(input_ids=input_ids, output_hidden_states=with_hidden_states, use_cache=False)
+    return TeacherOutput(out.last_hidden_state, out.hidden_states if with_hidden_states else None)
+
+
+class DistillObjective(nn.Module):
+    def __init__(self, student, teacher_head: tuple[torch.Tensor, torch.Tensor | None], loss_spec, hidden_weight: float, hidden_pairs: list[tuple[int, int]]):
+        super().__init__()
+        self.student = student
+        self.loss_spec = loss_spec
+        self.hidden_weight = hidden_weight
+        self.hidden_pairs = hidden_pairs
+        # Held outside the module's parameters: the teacher is not trained and not synchronised.
+        self._teacher_head = teacher_head
+
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput) -> dict[str, torch.Tensor]:
+        spec = self.loss_spec
+        need_states = self.hidden_weight > 0
+        out = self.student.base_model(input_ids=input_ids, output_hidden_states=need_states, use_cache=False)
+        h = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        labels = input_ids[:, 1:].reshape(-1)
+        weight, bias = _head(self.student)
+        t_weight, t_bias = self._teacher_head
+        result = fused_distill_loss(
+            h.reshape(-1, h.shape[-1]), weight, bias,
+            teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), t_weight, t_bias,
+            labels,
+            kind=spec.kind, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha,
+            ce_weight=spec.ce_weight, chunk_size=spec.chunk_size,
+        )
+        loss = result.loss
+        stats = {"divergence": result.divergence, "ce": result.ce}
+        if need_states:
+            mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            hidden = hidden_state_loss(out.hidden_states, teacher.hidden_states, self.hidden_pairs, mask)
+            loss = loss + self.hidden_weight * hidden
+            stats["hidden_mse"] = hidden.detach()
+        stats["loss"] = loss
+        return stats
+
+
+@torch.no_grad()
+def evaluate(student, teacher_head, eval_ids: torch.Tensor, teacher_hidden: torch.Tensor, *, batch_size: int, chunk_size: int) -> AgreementSums:
+    """Sums over held-out blocks; `teacher_hidden` (n, T, H_t) is computed once per run, not per evaluation."""
+    was_training = student.training
+    student.eval()
+    weight, bias = _head(student)
+    total = AgreementSums(tokens=0, student_nll=0.0, teacher_nll=0.0, kl=0.0, top1_agree=0)
+    device = weight.device
+    for start in range(0, len(eval_ids), batch_size):
+        ids = eval_ids[start : start + batch_size].to(device)
+        h = student.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        th = teacher_hidden[start : start + batch_size].to(device)[:, :-1]
+        total = total + agreement_sums(
+            h.reshape(-1, h.shape[-1]), weight, bias,
+            th.reshape(-1, th.shape[-1]), *teacher_head,
+            ids[:, 1:].reshape(-1), chunk_size=chunk_size,
+        )
+    student.train(was_training)
+    return total

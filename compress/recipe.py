@@ -1,0 +1,248 @@
+"""The recipe: one YAML file validated into frozen, typed specs before any model loads.
+
+`load_recipe(path, overrides)` is the only entry point; stages receive the specs, never YAML.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from compress.distill.losses import DIVERGENCES
+from compress.errors import CompressError
+
+
+class RecipeError(CompressError, ValueError):
+    """A recipe that cannot be used; the message names the file and the key path."""
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherSpec(Spec):
+    model: str = Field(
+        "builtin:smollm2-135m",
+        description="Local HF folder, hub id, or `builtin:smollm2-135m` (the embedded SmolLM2-135M-Instruct).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); ignored for local folders.")
+    trust_remote_code: StrictBool = Field(False, description="Allow the model's own Python code from the hub. Off unless you trust it.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the teacher is loaded in.")
+
+
+class FromTeacherSpec(Spec):
+    layers: int | list[int] = Field(
+        ...,
+        description="Teacher layers the student keeps: a count (evenly spaced, first and last kept) or an explicit list of indices.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "FromTeacherSpec":
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError("layers must be >= 1")
+        if isinstance(self.layers, list):
+            if not self.layers:
+                raise ValueError("layers list is empty")
+            if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+                raise ValueError("layers must be distinct non-negative indices")
+        return self
+
+
+class StudentSpec(Spec):
+    from_teacher: FromTeacherSpec | None = Field(None, description="Build the student from a subset of the teacher's layers (embeddings, norms, lm_head copied).")
+    config: dict[str, Any] | None = Field(None, description="Overrides on the teacher's config; the student is randomly initialised.")
+    model: str | None = Field(None, description="An existing model (local folder or hub id) used as the student.")
+    trust_remote_code: StrictBool = Field(False, description="Allow remote code for `student.model`.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StudentSpec":
+        given = [k for k in ("from_teacher", "config", "model") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from_teacher, config, model (got {given or 'none'})")
+        return self
+
+
+class DataSpec(Spec):
+    train: str = Field("builtin:pydocs/train", description="Training text: .txt, .jsonl(.gz), a folder of those, a saved HF dataset, or `builtin:pydocs/train`.")
+    eval: str | None = Field("builtin:pydocs/eval", description="Held-out text in the same forms; if null, `eval_fraction` of the training blocks is held out.")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Share of training blocks held out when `eval` is null.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl files and datasets.")
+    seq_len: int = Field(256, ge=8, le=131072, description="Tokens per packed training block.")
+    max_train_tokens: int | None = Field(None, ge=1, description="Cap on training tokens (after packing); null = all.")
+    max_eval_tokens: int | None = Field(16384, ge=1, description="Cap on eval tokens; the same blocks are used at every evaluation.")
+    cache_dir: str | None = Field(None, description="Where tokenized blocks are cached (default: $COMPRESS_CACHE or ~/.cache/compress).")
+
+
+class LossSpec(Spec):
+    kind: Literal[DIVERGENCES] = Field("forward_kl", description="Divergence: " + ", ".join(DIVERGENCES) + ".")  # type: ignore[valid-type]
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature; the divergence is scaled by T².")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew of skew_forward_kl / skew_reverse_kl (DistiLLM).")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="Weight of hard-label cross-entropy mixed into the loss.")
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the fused lm_head + loss (memory grows with this, not with batch×seq×vocab).")
+
+
+class HiddenLossSpec(Spec):
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE term (0 = off).")
+    pairs: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(student, teacher) indices into HF hidden_states (0 = embeddings output); empty = match each kept layer to its teacher layer.",
+    )
+
+
+class DistillSpec(Spec):
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (across all processes).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of `lr`.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = no clipping.")
+    loss: LossSpec = Field(default_factory=LossSpec, description="The distillation loss.")
+    hidden: HiddenLossSpec = Field(default_factory=HiddenLossSpec, description="Optional hidden-state loss.")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the held-out set every N steps (and at the end).")
+    save_every: int = Field(100, ge=1, description="Write a checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's default).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillSpec":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        return self
+
+
+class Recipe(Spec):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
+    output_dir: str | None = Field(None, description="Run folder (relative to the working directory); default runs/<name>.")
+    seed: int = Field(0, description="Seed for init, data order and sampling.")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="The teacher model.")
+    student: StudentSpec = Field(default_factory=lambda: StudentSpec(from_teacher=FromTeacherSpec(layers=10)), description="How the student is made.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training and held-out text.")
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation training.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string; accept it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?\d*\.\d+$|^[-+]?\d+\.$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = parse_value(value)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {path}: unknown key")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {path}: {e['msg']}{shown}")
+    return "invalid recipe\n  " + "\n  ".join(lines)
+
+
+def validate_recipe(data: dict, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (None = all defaults), apply `--set` overrides, validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate_recipe(data, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in get_args(annotation))
+        return f"{origin.__name__}[{args}]"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_keys(model: type[Spec] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, description) for every recipe key, sections expanded."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, Spec)]
+        if nested:
+            rows.append((path, "section", "", field.description or ""))
+            rows.extend(describe_keys(nested[0], prefix=path + "."))
+            continue
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.default_factory() if field.default_factory is not None else field.default
+            default = json.dumps(value)
+        rows.append((path, _type_name(annotation), default, field.description or ""))
+    return rows

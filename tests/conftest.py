@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny BPE tokenizer, tiny teachers of three families saved as HF folders, small text."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from compress.corpus import builtin_path  # noqa: E402
+
+VOCAB = 384
+
+
+def corpus_texts(split: str = "pydocs/eval", limit_chars: int = 200_000) -> list[str]:
+    out, total = [], 0
+    with gzip.open(builtin_path(split), "rt") as fh:
+        for line in fh:
+            text = json.loads(line)["text"]
+            out.append(text)
+            total += len(text)
+            if total >= limit_chars:
+                break
+    return out
+
+
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+# One tiny config per family in compress.architectures.LAYOUTS (test_architectures checks the two agree).
+TINY = {
+    "llama": dict(_LLAMA_LIKE, tie_word_embeddings=True),
+    "mistral": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE, tie_word_embeddings=False),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=8),
+    "gpt2": dict(n_embd=32, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32, dropout=0.0),
+}
+FAMILIES = tuple(TINY)
+# The families the issue names; the others run the same code through the same table.
+MAIN_FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+def tiny_config(family: str, vocab: int = VOCAB, layers: int = 4):
+    from transformers import AutoConfig
+
+    count = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    return AutoConfig.for_model(family, vocab_size=vocab, **{count: layers}, **TINY[family])
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on the embedded corpus, saved as an HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    assert len(fast) <= VOCAB
+    return out
+
+
+def save_tiny(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, layers: int = 4, vocab: int = VOCAB, train_steps: int = 0) -> Path:
+    """A tiny model saved as an HF folder; `train_steps` of plain LM training give it a peaked, data-aware distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab=vocab, layers=layers))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if train_steps:
+        ids = torch.tensor(tokenizer(" ".join(corpus_texts(limit_chars=20_000)))["input_ids"][: 64 * 32]).view(64, 32)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(train_steps):
+            batch = ids[(step * 8) % 64 : (step * 8) % 64 + 8]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("teachers")
+    return {f: save_tiny(root / f, f, tokenizer_dir, train_steps=30) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    """Small train (.jsonl) and eval (.txt) files cut from the embedded corpus."""
+    root = tmp_path_factory.mktemp("text")
+    texts = corpus_texts(limit_chars=60_000)
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[1:]))
+    held = root / "eval.txt"
+    held.write_text(texts[0][:6000])
+    return {"train": train, "eval": held}
+
+
+def tiny_recipe(tmp_path: Path, teacher: Path, text_files: dict[str, Path], **distill) -> dict:
+    """A recipe dict for a few fast steps on a tiny teacher."""
+    settings = dict(steps=6, batch_size=2, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3, keep_last=2)
+    settings.update(distill)
+    return {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "teacher": {"model": str(teacher)},
+        "student": {"from_teacher": {"layers": 2}},
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 512, "cache_dir": str(tmp_path / "cache")},
+        "distill": settings,
+    }

@@ -1,0 +1,45 @@
+"""Two CPU processes (gloo, launched by torchrun through accelerate) train the same model as one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def launch(tmp_path: Path, recipe: dict, nproc: int) -> list[dict]:
+    out = tmp_path / f"out{nproc}"
+    out.mkdir()
+    recipe_json = out / "recipe.json"
+    recipe_json.write_text(json.dumps(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), str(recipe_json), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.skipif(shutil.which("true") is None or not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_two_processes_train_the_same_model_as_one(tmp_path, teachers, text_files):
+    recipes = {}
+    for nproc in (1, 2):
+        recipe = tiny_recipe(tmp_path / f"run{nproc}", teachers["llama"], text_files, steps=4, batch_size=4, eval_every=4, save_every=2)
+        recipe["student"] = {"from_teacher": {"layers": 2}}
+        recipes[nproc] = recipe
+    single = launch(tmp_path, recipes[1], 1)
+    ranks = launch(tmp_path, recipes[2], 2)
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"], "the two ranks ended with different weights"
+    # Each rank sees half of every global batch; DDP's gradient average equals the one-process gradient.
+    assert ranks[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-4)
+    a = load_file(Path(recipes[1]["output_dir"]) / "student" / "model.safetensors")
+    b = load_file(Path(recipes[2]["output_dir"]) / "student" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
