@@ -185,6 +185,48 @@ def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return logits if bias is None else logits + bias.float()
 
 
+def _closed_form(obj: _Objective) -> bool:
+    """Forward KL (the default) has a closed-form logit gradient, p_S - p_T, that needs no autograd graph."""
+    return obj.kind == "forward_kl" and (obj.ce_weight == 0.0 or obj.temperature == 1.0)
+
+
+def _project_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(n, H) @ (V, H).T written into a reused fp32 buffer: no fresh (n, V) allocation per chunk."""
+    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        torch.matmul(hidden, weight.T, out=out)
+    else:
+        out.copy_(hidden.to(weight.dtype) @ weight.T)
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+def _forward_kl_chunk(z_s: Tensor, z_t: Tensor, p_t: Tensor, labels: Tensor, obj: _Objective, tokens: int, want_grad: bool):
+    """Forward KL (+ CE at T=1) on one chunk, in place on three (c, V) fp32 buffers.
+
+    z_s holds the student logits on entry and d(loss)/d(logits) on exit (if want_grad); z_t and p_t
+    are scratch. d KL(p_T||p_S) / d s = (p_S - p_T) / T and d CE / d s = p_S - onehot(y) (T = 1)."""
+    T, w, scale = obj.temperature, obj.ce_weight, 1.0 / max(tokens, 1)
+    finite = torch.finfo(torch.float32).min
+    ce = (torch.logsumexp(z_s, -1) - z_s.gather(1, labels[:, None]).squeeze(1)).sum()  # at T = 1, before scaling
+    if T != 1.0:
+        z_s.div_(T)
+        z_t.div_(T)
+    z_t.sub_(torch.logsumexp(z_t, -1, keepdim=True)).clamp_(min=finite)  # log p_T
+    z_s.sub_(torch.logsumexp(z_s, -1, keepdim=True)).clamp_(min=finite)  # log p_S
+    torch.exp(z_t, out=p_t)  # p_T
+    z_t.sub_(z_s)  # log p_T - log p_S
+    div = torch.einsum("cv,cv->c", p_t, z_t).sum()
+    loss = ((1.0 - w) * T**2 * div + w * ce) * scale
+    if want_grad:
+        z_s.exp_()  # p_S (at T; with a CE mix T == 1, so it is also the CE's softmax)
+        kl_coef = (1.0 - w) * T * scale
+        z_s.mul_(kl_coef + w * scale).sub_(p_t, alpha=kl_coef)
+        if w > 0:
+            z_s.scatter_add_(1, labels[:, None], torch.full((labels.numel(), 1), -w * scale, device=z_s.device))
+    return loss, div, ce
+
+
 def _distill_chunks(
     sh: Tensor, sw: Tensor, sb: Optional[Tensor],
     th: Tensor, tw: Tensor, tb: Optional[Tensor],
@@ -199,29 +241,42 @@ def _distill_chunks(
     # Three separate scalars rather than views of one buffer: they become autograd outputs.
     loss_sum, div_total, ce_total = (torch.zeros((), device=sh.device) for _ in range(3))
     tokens = rows.numel()
+    closed = _closed_form(obj)
+    if closed:
+        c, v = min(chunk_size, max(tokens, 1)), sw.shape[0]
+        buffers = [torch.empty(c, v, dtype=torch.float32, device=sh.device) for _ in range(3)]  # reused by every chunk
     for chunk in rows.split(chunk_size):
         h = sh[chunk].to(sw.dtype)  # (c, H_s)
-        with torch.no_grad():
-            z_t = _project(th[chunk], tw, tb)  # (c, V)
-            z_s = _project(h, sw, sb)  # (c, V)
-        if any(needs):
-            # Differentiate only logits -> loss with autograd; the lm_head matmuls are done by hand
-            # so each chunk's (c, V) graph is freed before the next chunk starts.
-            with torch.enable_grad():
-                z_s.requires_grad_(True)
+        if closed:
+            z_s, z_t, p_t = (b[: chunk.numel()] for b in buffers)
+            with torch.no_grad():
+                _project_into(z_t, th[chunk], tw, tb)
+                _project_into(z_s, h, sw, sb)
+                loss, div_sum, ce_sum = _forward_kl_chunk(z_s, z_t, p_t, labels[chunk], obj, tokens, any(needs))
+            g = z_s  # (c, V) d loss / d logits
+        else:
+            with torch.no_grad():
+                z_t = _project(th[chunk], tw, tb)  # (c, V)
+                z_s = _project(h, sw, sb)  # (c, V)
+            if any(needs):
+                # Differentiate only logits -> loss with autograd; the lm_head matmuls are done by hand
+                # so each chunk's (c, V) graph is freed before the next chunk starts.
+                with torch.enable_grad():
+                    z_s.requires_grad_(True)
+                    loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
+                    (g,) = torch.autograd.grad(loss, z_s)  # (c, V) fp32
+            else:
                 loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
-                (g,) = torch.autograd.grad(loss, z_s)  # (c, V) fp32
+        if any(needs):
             if need_h:
                 grad_h.index_copy_(0, chunk, (g.to(sw.dtype) @ sw).float())
             if need_w:
                 grad_w.addmm_(g.T, h.float())
             if need_b:
                 grad_b += g.sum(0)
-        else:
-            loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
         loss_sum += loss.detach()
-        div_total += div_sum
-        ce_total += ce_sum
+        div_total += div_sum.detach()
+        ce_total += ce_sum.detach()
     return loss_sum, div_total, ce_total, grad_h, grad_w, grad_b
 
 
