@@ -68,14 +68,14 @@ def library_versions() -> dict[str, str]:
 def device_info(device: str) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"type": device, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {"type": device, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_count": os.cpu_count()}
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_count"] = torch.cuda.device_count()
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -151,6 +151,28 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
         raise ModelSourceError(f"could not load the tokenizer of {name!r}: {err}") from None
 
 
+def load_quantized(directory, *, device: str | torch.device = "cpu"):
+    """Any artifact folder: GPTQ through our torch loader (every device, any group size), bitsandbytes
+    through transformers (needs bitsandbytes), float as usual."""
+    import json
+
+    config = json.loads((Path(directory) / "config.json").read_text())
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method == "gptq":
+        from compress.quantize.gptq_checkpoint import load_gptq
+
+        return load_gptq(directory).to(device)
+    if method == "bitsandbytes":
+        from compress.quantize.bnb import require_bnb
+        from transformers import AutoModelForCausalLM
+
+        require_bnb()
+        return AutoModelForCausalLM.from_pretrained(directory, device_map={"": str(device)}, use_safetensors=True).eval()
+    if method is not None:
+        raise ModelSourceError(f"{directory}: unsupported quantization {method!r}")
+    return load_model(str(directory)).to(device)
+
+
 def vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 

@@ -120,6 +120,58 @@ class DistillSpec(Spec):
         return self
 
 
+class CalibSpec(Spec):
+    source: str | None = Field(None, description="Calibration text (same forms as data.train); null = the recipe's data.train.")
+    samples: int = Field(128, ge=1, description="Calibration sequences.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
+
+
+def _check_group_size(value: int) -> int:
+    if value == 0 or value < -1:
+        raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+    return value
+
+
+class _QuantBase(Spec):
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in float: full names, last components (`down_proj`) or globs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where quantization runs; auto = CUDA when available.")
+
+
+class _IntQuantSpec(_QuantBase):
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(128, description="Input columns sharing one scale/zero; -1 = one group per output row.")
+    sym: StrictBool = Field(True, description="Symmetric grid (zero point fixed at the middle) instead of asymmetric.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_group_size(self.group_size)
+        return self
+
+
+class GPTQSpec(_IntQuantSpec):
+    method: Literal["gptq"] = Field(description="GPTQ (Frantar et al. 2022): layer-by-layer, Hessian-aware rounding.")
+    act_order: StrictBool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
+    damp: float = Field(0.01, gt=0, lt=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean.")
+    block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
+    static_groups: StrictBool = Field(False, description="With act_order, fix group parameters before reordering (g_idx stays sequential).")
+    calib: CalibSpec = Field(default_factory=CalibSpec, description="Calibration data.")
+    batch_size: int = Field(8, ge=1, description="Calibration sequences per forward pass.")
+
+
+class RTNSpec(_IntQuantSpec):
+    method: Literal["rtn"] = Field(description="Round-to-nearest on the same grid: the baseline every GPTQ result is shown against.")
+
+
+class BnbSpec(_QuantBase):
+    method: Literal["bnb-nf4", "bnb-fp4", "bnb-int8"] = Field(description="bitsandbytes: 4-bit NormalFloat / FP4, or LLM.int8.")
+    double_quant: StrictBool = Field(True, description="4-bit: quantize the quantization constants too.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="4-bit: dtype of the matmuls.")
+    int8_threshold: float = Field(6.0, gt=0, description="int8: outlier threshold above which activations stay in fp16.")
+
+
+QuantizeSpec = Annotated[Union[GPTQSpec, RTNSpec, BnbSpec], Field(discriminator="method")]
+
+
 class Recipe(Spec):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
     output_dir: str | None = Field(None, description="Run folder (relative to the working directory); default runs/<name>.")
@@ -128,6 +180,7 @@ class Recipe(Spec):
     student: StudentSpec = Field(default_factory=lambda: StudentSpec(from_teacher=FromTeacherSpec(layers=10)), description="How the student is made.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training and held-out text.")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation training.")
+    quantize: QuantizeSpec | None = Field(None, description="Low-bit quantization (`method` picks the variant and its keys).")
 
     @property
     def run_dir(self) -> Path:
@@ -228,18 +281,33 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _spec_types(annotation: Any) -> list[type[Spec]]:
+    """The Spec classes inside an annotation (X, X | None, Annotated[Union[...], ...])."""
+    if isinstance(annotation, type) and issubclass(annotation, Spec):
+        return [annotation]
+    return [t for arg in get_args(annotation) for t in _spec_types(arg)]
+
+
 def describe_keys(model: type[Spec] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key path, type, default, description) for every recipe key, sections expanded."""
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         annotation = field.annotation
-        nested = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, Spec)]
-        if nested:
+        nested = _spec_types(annotation)
+        if len(nested) == 1:
             rows.append((path, "section", "", field.description or ""))
             rows.extend(describe_keys(nested[0], prefix=path + "."))
             continue
-        if field.is_required():
+        if nested:  # a tagged union: one section per variant of `method`
+            for variant in nested:
+                methods = get_args(variant.model_fields["method"].annotation)
+                rows.append((path, "section", "", f"method: {' | '.join(methods)} — {variant.model_fields['method'].description}"))
+                rows.extend(describe_keys(variant, prefix=path + "."))
+            continue
+        if path.endswith(".method"):
+            default = "required (picks the section)"
+        elif field.is_required():
             default = "required"
         else:
             value = field.default_factory() if field.default_factory is not None else field.default

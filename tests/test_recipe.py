@@ -118,3 +118,18 @@ def test_describe_keys_covers_every_leaf():
     assert rows["data.eval"][1] == '"builtin:pydocs/eval"'
     assert rows["teacher.trust_remote_code"][1] == "false" and rows["data.cache_dir"][1] == "null"
     assert all(desc for *_, desc in describe_keys()), "every key needs a description"
+
+
+def test_quantize_section_is_a_tagged_union(tmp_path):
+    recipe = load_recipe(None, ["quantize.method=rtn", "quantize.bits=3", "quantize.group_size=-1"])
+    assert recipe.quantize.method == "rtn" and recipe.quantize.bits == 3
+    with pytest.raises(RecipeError, match=r"quantize.gptq.double_quant: unknown key"):
+        load_recipe(None, ["quantize.method=gptq", "quantize.double_quant=true"])
+    with pytest.raises(RecipeError, match=r"quantize: .*'zzz'.*'gptq', 'rtn', 'bnb-nf4'"):
+        load_recipe(None, ["quantize.method=zzz"])
+    with pytest.raises(RecipeError, match=r"quantize.gptq.bits: Input should be 2, 3, 4 or 8"):
+        load_recipe(None, ["quantize.method=gptq", "quantize.bits=5"])
+    with pytest.raises(RecipeError, match=r"group_size must be -1"):
+        load_recipe(None, ["quantize.method=gptq", "quantize.group_size=0"])
+    with pytest.raises(RecipeError, match=r"quantize.gptq.damp: Input should be greater than 0"):
+        load_recipe(None, ["quantize.method=gptq", "quantize.damp=0"])

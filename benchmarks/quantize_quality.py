@@ -1,0 +1,174 @@
+"""Quantization quality, size and time: float vs RTN vs GPTQ (with/without act-order, 4 and 3 bits) vs bitsandbytes.
+
+For each model (the embedded teacher and a distilled student) every variant is quantized with
+`compress.quantize.stage.run_quantize` from the same calibration data (128 x 512 tokens of the embedded
+Python-docs train split) and its perplexity measured on held-out texts of several domains, since
+GPTQ can overfit its calibration domain:
+  - in-domain:  builtin:pydocs/eval (held-out Python documentation)
+  - far-domain: the licence texts in /usr/share/common-licenses (legal English; on every Debian machine)
+
+    python benchmarks/quantize_quality.py --student runs/quickstart/student
+    python benchmarks/quantize_quality.py --student DIR --only gptq4-act rtn4   # a subset
+
+Results accumulate in benchmarks/results/quantize_quality.json (a rerun skips finished rows; --fresh
+starts over) and are rendered to quantize_quality.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+LICENSES = Path("/usr/share/common-licenses")
+
+VARIANTS: dict[str, dict | None] = {
+    "float": None,
+    "rtn4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
+    "gptq4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": False},
+    "gptq4-g128-act": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True},
+    "gptq3-g128-act": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True},
+    "rtn3-g128": {"method": "rtn", "bits": 3, "group_size": 128},
+    "bnb-nf4": {"method": "bnb-nf4"},
+    "bnb-int8": {"method": "bnb-int8"},
+}
+
+PAPER_CONTEXT = "GPTQ paper (Frantar et al. 2022), OPT-125M on WikiText2: fp16 27.65, RTN 4-bit 37.28, GPTQ 4-bit 31.12 (perplexity)."
+
+
+def far_domain_file(work: Path) -> Path:
+    """The Debian licence texts as one .txt (legal prose), built on the fly: nothing is shipped."""
+    out = work / "licenses.txt"
+    if not out.exists():
+        texts = [p.read_text(errors="ignore") for p in sorted(LICENSES.iterdir()) if p.is_file() and not p.is_symlink()]
+        out.write_text("\n\n".join(texts))
+    return out
+
+
+def evaluate_domains(model_dir: Path, domains: dict[str, str], tokenizer, seq_len: int, max_tokens: int) -> dict:
+    import torch
+
+    from compress import models
+    from compress.data import packed_blocks
+    from compress.evaluate import perplexity_on_blocks
+
+    model = models.load_quantized(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    out = {}
+    for name, source in domains.items():
+        blocks = packed_blocks(source, tokenizer, seq_len=seq_len, text_field="text", max_tokens=max_tokens, cache_dir=None)
+        out[name] = perplexity_on_blocks(model, blocks)["ppl"]
+    return out
+
+
+def run_variant(model: str, label: str, settings: dict | None, work: Path, args) -> dict:
+    from compress import models
+    from compress.quantize.stage import run_quantize, weights_bytes
+    from compress.recipe import load_recipe
+
+    tokenizer = models.load_tokenizer(model)
+    domains = {"in-domain (pydocs eval)": "builtin:pydocs/eval"}
+    if LICENSES.is_dir():
+        domains["far-domain (licences)"] = str(far_domain_file(work))
+    if settings is None:
+        path, seconds = Path(models.resolve_source(model)), 0.0
+    else:
+        overrides = [f"quantize.{k}={json.dumps(v)}" for k, v in settings.items()]
+        if settings["method"] == "gptq":
+            overrides += [f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}"]
+        recipe = load_recipe(None, overrides + [f"data.seq_len={args.seq_len}", f"data.max_eval_tokens={args.eval_tokens}"])
+        path = work / label
+        shutil.rmtree(path, ignore_errors=True)
+        result = run_quantize(recipe, model, path, progress=True)
+        seconds = result.metrics["quantize_time_s"]
+    ppl = evaluate_domains(path, domains, tokenizer, args.seq_len, args.eval_tokens)
+    return {"variant": label, "settings": settings, "ppl": ppl, "size_mb": weights_bytes(path) / 2**20, "quantize_s": seconds}
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# Quantization: quality, size, time",
+        "",
+        f"Calibration: {results['settings']['samples']} x {results['settings']['calib_len']} tokens of `builtin:pydocs/train` (seed 0); "
+        f"perplexity on {results['settings']['eval_tokens']:,} tokens per domain, windows of {results['settings']['seq_len']}. "
+        f"Machine: {results['machine']}. LM head kept in float; symmetric grid; damp 0.01.",
+        "",
+    ]
+    for model, rows in results["models"].items():
+        domains = list(next(iter(rows.values()))["ppl"]) if rows else []
+        base = rows.get("float")
+        lines += [f"## {model}", "", "| variant | " + " | ".join(f"ppl {d}" for d in domains) + " | size (MB) | quantize time (s) |", "|---" * (len(domains) + 3) + "|"]
+        for label, row in rows.items():
+            cells = []
+            for d in domains:
+                rel = "" if base is None or label == "float" else f" ({100 * (row['ppl'][d] / base['ppl'][d] - 1):+.1f}%)"
+                cells.append(f"{row['ppl'][d]:.2f}{rel}")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['size_mb']:.1f} | {row['quantize_s']:.0f} |")
+        lines.append("")
+    lines += [f"For context: {PAPER_CONTEXT}", "", f"Command: `{results['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="builtin:smollm2-135m")
+    parser.add_argument("--student", help="a distilled student folder (e.g. runs/quickstart/student)")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+
+    import platform
+
+    import torch
+
+    from compress.artifacts import cpu_name
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "quantize_quality.json"
+    results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"models": {}}
+    results.update(
+        command="python benchmarks/quantize_quality.py " + " ".join(sys.argv[1:]),
+        settings={"samples": args.samples, "calib_len": args.calib_len, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens},
+        machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}",
+        paper_context=PAPER_CONTEXT,
+    )
+    models_to_run = {"teacher (SmolLM2-135M-Instruct)": args.teacher}
+    if args.student:
+        models_to_run["distilled student"] = args.student
+    work = Path(tempfile.mkdtemp(prefix="compress-bench-quant-"))
+    try:
+        for model_label, model in models_to_run.items():
+            rows = results["models"].setdefault(model_label, {})
+            for label in args.only or list(VARIANTS):
+                if label in rows:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    rows[label] = run_variant(model, label, VARIANTS[label], work, args)
+                except Exception as err:  # a failed variant is recorded, the others still run
+                    rows[label] = {"variant": label, "error": f"{type(err).__name__}: {err}"}
+                    print(f"{model_label} {label}: FAILED {err}", flush=True)
+                    continue
+                finally:
+                    shutil.rmtree(work / label, ignore_errors=True)
+                print(f"{model_label} {label}: {rows[label]['ppl']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                out.write_text(json.dumps(results, indent=2) + "\n")
+                (RESULTS / "quantize_quality.md").write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print((RESULTS / "quantize_quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Post-training weight quantization: the GPTQ core, its integer grid, and the GPTQ checkpoint packing."""

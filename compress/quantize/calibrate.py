@@ -1,0 +1,184 @@
+"""Layer-by-layer GPTQ over calibration activations: the driver around the pure `gptq` core.
+
+Block i is calibrated on the outputs of blocks 0..i-1 *after* they were quantized, as in the paper;
+one table (`compress.architectures`) says where the blocks are, for every supported family.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress.architectures import get_blocks, layer_layout
+from compress.quantize.gptq import accumulate_hessian, gptq
+from compress.quantize.grid import QuantGrid, QuantResult, rtn
+
+
+class _Captured(Exception):
+    """Raised by the hook on block 0 once its inputs are recorded: nothing after it needs to run."""
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    weight_error: float  # ||W - Q||_F / ||W||_F
+    output_error: float | None  # ||X (W - Q)^T||_F / ||X W^T||_F on the calibration inputs (GPTQ only)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return ()
+    return (Conv1D,)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """(out, in) view of a Linear's or GPT-2 Conv1D's weight (Conv1D stores (in, out))."""
+    return module.weight.T if isinstance(module, _conv1d_type()) else module.weight
+
+
+def set_linear_weight(module: nn.Module, W: torch.Tensor) -> None:
+    value = W.T if isinstance(module, _conv1d_type()) else W
+    module.weight.data.copy_(value.to(module.weight.dtype))
+
+
+def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """`skip` entries are module names, last-name components (`down_proj`) or globs (`*.mlp.*`)."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in skip)
+
+
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The Linear / Conv1D modules inside the transformer blocks, by full name, minus `skip`."""
+    prefix = layer_layout(model.config).blocks
+    kinds = (nn.Linear, *_conv1d_type())
+    found = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and n.startswith(prefix + ".")}
+    return {n: m for n, m in found.items() if not is_skipped(n, skip)}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) that block 0 receives for each calibration batch."""
+    block0 = get_blocks(model)[0]
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append((hidden, rest))
+        raise _Captured
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(calib), batch_size):
+            try:
+                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def quantize_blocks(
+    model: nn.Module,
+    calib: torch.Tensor,
+    grid: QuantGrid,
+    *,
+    method: str,
+    group_size: int,
+    skip: tuple[str, ...],
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    static_groups: bool = False,
+    batch_size: int = 8,
+    on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
+) -> tuple[dict[str, QuantResult], list[LayerReport]]:
+    """Quantize every selected Linear in place (weights replaced by their dequantized values) and
+    return the per-module results that the checkpoint format packs."""
+    linears = quantizable_linears(model, skip)
+    if not linears:
+        raise ValueError(f"no Linear layers to quantize in {model.config.model_type} after skipping {list(skip)}")
+    results: dict[str, QuantResult] = {}
+    reports: list[LayerReport] = []
+    blocks = get_blocks(model)
+    prefix = layer_layout(model.config).blocks
+    states = capture_block_inputs(model, calib, batch_size) if method == "gptq" else []
+    for i, block in enumerate(blocks):
+        mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
+        block_reports = []
+        if method == "gptq":
+            hessians = _block_hessians(block, mine, states)
+            for name, module in mine.items():
+                H, _ = hessians[name]
+                W = linear_weight(module).float()
+                res = gptq(W, H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups)
+                block_reports.append(_report(name, W, res.Q, H))
+                set_linear_weight(module, res.Q)
+                results[name] = res
+            # The next block sees what this block produces *now that it is quantized*.
+            states = [(_block_output(block(h, **kw)), kw) for h, kw in states]
+        else:
+            for name, module in mine.items():
+                W = linear_weight(module).float()
+                res = rtn(W, grid, group_size)
+                block_reports.append(_report(name, W, res.Q, None))
+                set_linear_weight(module, res.Q)
+                results[name] = res
+        reports.extend(block_reports)
+        if on_layer is not None:
+            on_layer(i, len(blocks), block_reports)
+    return results, reports
+
+
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states) -> dict[str, tuple[torch.Tensor, int]]:
+    """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at each Linear's input."""
+    hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in linears}
+    # q/k/v (and gate/up) read the very same input tensor: accumulate its Hessian once and share it.
+    alias: dict[str, str] = {}
+    last: dict = {"x": None, "name": None}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            if x is last["x"]:
+                alias[name] = alias.get(last["name"], last["name"])
+                return
+            last.update(x=x, name=name)
+            hessians[name] = accumulate_hessian(*hessians[name], x.reshape(-1, x.shape[-1]).float())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for h, kw in states:
+            block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, leader in alias.items():
+        hessians[name] = hessians[leader]
+    return hessians
+
+
+def _report(name: str, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> LayerReport:
+    D = W - Q.float()
+    weight_error = (D.norm() / W.norm().clamp_min(1e-12)).item()
+    output_error = None
+    if H is not None:
+        # ||X Dᵀ||² = tr(D XᵀX Dᵀ) ∝ tr(D H Dᵀ): the output error without keeping X around.
+        num = (D @ H * D).sum().clamp_min(0)
+        den = (W @ H * W).sum().clamp_min(1e-12)
+        output_error = (num / den).sqrt().item()
+    return LayerReport(name, tuple(W.shape), weight_error, output_error)

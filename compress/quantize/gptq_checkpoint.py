@@ -1,0 +1,148 @@
+"""GPTQ checkpoints on disk: write the standard format (qweight/qzeros/scales/g_idx + quantization_config)
+and load it back on any device with a plain-torch layer, including group sizes that do not divide the width.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.quantize.calibrate import _conv1d_type
+from compress.quantize.grid import QuantResult
+from compress.quantize.packing import PackedGPTQ, dequantize_packed, pack
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: bool, damp: float, static_groups: bool, modules: list[str]) -> dict:
+    """The `quantization_config` block of config.json as transformers/optimum and GPTQModel read it."""
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": act_order,
+        "sym": sym,
+        "damp_percent": damp,
+        "static_groups": static_groups,
+        "true_sequential": False,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": ["compress"], "quantized_modules": len(modules)},
+    }
+
+
+def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult], qconfig: dict, tokenizer=None) -> None:
+    """Model files in `directory`: float tensors of unquantized modules + packed tensors of quantized ones."""
+    state = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in results and leaf == "weight":
+            continue
+        state[key] = value.detach().contiguous()
+    if getattr(model.config, "tie_word_embeddings", False):
+        # safetensors refuses shared storage; loaders re-tie the head to the embedding.
+        state.pop(_head_key(model), None)
+    for name, result in results.items():
+        packed = pack(result)
+        state[f"{name}.qweight"] = packed.qweight
+        state[f"{name}.qzeros"] = packed.qzeros
+        state[f"{name}.scales"] = packed.scales
+        state[f"{name}.g_idx"] = packed.g_idx
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+class GPTQLinear(nn.Module):
+    """A Linear whose weight lives packed (int32 + fp16 scales); dequantized in torch on demand.
+
+    `cache=True` keeps the dequantized weight after the first forward (fast on CPU, float memory);
+    `cache=False` dequantizes at every call (int4 memory, slower)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, bias: bool, *, transposed: bool = False, cache: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.transposed = transposed  # GPT-2 Conv1D semantics are kept: y = x W + b with W (in, out)
+        self.cache = cache
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._weight: torch.Tensor | None = None
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) float weight."""
+        packed = PackedGPTQ(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        return dequantize_packed(packed, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self._weight
+        if W is None or W.dtype != x.dtype or W.device != x.device:
+            W = self.dequantized_weight(torch.float32).to(device=x.device, dtype=x.dtype)
+            if self.cache:
+                self._weight = W
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, W, bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.scales.shape[0]}"
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cache: bool = True) -> nn.Module:
+    """Our loader for GPTQ checkpoints (ours or GPTQModel's v1 format): plain torch, CPU or CUDA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    qconfig = config.quantization_config
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    if qconfig.get("quant_method") != "gptq":
+        raise ValueError(f"{directory}: not a GPTQ checkpoint (quant_method={qconfig.get('quant_method')!r})")
+    if qconfig.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"{directory}: checkpoint_format {qconfig.get('checkpoint_format')!r} is not supported; expected 'gptq' (v1)")
+    del config.quantization_config
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    bits = int(qconfig["bits"])
+    conv1d = _conv1d_type()
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}):
+        old = model.get_submodule(name)
+        transposed = isinstance(old, conv1d)
+        in_f, out_f = (old.weight.shape if transposed else old.weight.shape[::-1])
+        layer = GPTQLinear(in_f, out_f, bits, tensors[f"{name}.scales"].shape[0], bias=f"{name}.bias" in tensors, transposed=transposed, cache=cache)
+        _set_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if k.endswith("weight") and getattr(config, "tie_word_embeddings", False) and k == _head_key(model)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{directory}: weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _head_key(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(n for n, m in model.named_modules() if m is head) + ".weight"

@@ -1,0 +1,196 @@
+"""The quantize stage: `run_quantize(recipe, source, output)` turns a float model folder into a low-bit artifact.
+
+GPTQ and RTN write the standard GPTQ checkpoint (loadable by GPTQModel/transformers and by our own
+torch loader); bitsandbytes writes transformers' bnb format. Either way the written folder is reloaded
+and its held-out perplexity measured before the artifact is renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compress import models
+from compress.architectures import layer_layout
+from compress.artifacts import ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic, RECORD_FILE
+from compress.data import packed_blocks
+from compress.errors import CompressError
+from compress.evaluate import perplexity_on_blocks
+from compress.quantize.calibrate import linear_weight, quantizable_linears, quantize_blocks
+from compress.quantize.grid import QuantGrid
+from compress.recipe import BnbSpec, GPTQSpec, Recipe, RTNSpec
+
+
+class QuantizeError(CompressError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    artifact: Path
+    metrics: dict
+
+
+def _device(spec) -> torch.device:
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError("quantize.device is cuda but no CUDA device is visible to torch")
+    return torch.device("cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+def check_packable(model, spec) -> dict:
+    """Refuse, before any calibration, layers the chosen bits/group size cannot be stored for."""
+    linears = quantizable_linears(model, tuple(spec.skip))
+    if not linears:
+        raise QuantizeError(f"no Linear layers matched in {model.config.model_type} after skipping {spec.skip}")
+    per_word = 32 // spec.bits if 32 % spec.bits == 0 else 32
+    for name, module in linears.items():
+        rows, cols = linear_weight(module).shape
+        if rows % per_word or (cols * spec.bits) % 32:
+            raise QuantizeError(f"{name} ({rows}x{cols}) cannot be packed at {spec.bits} bits: output features must be a multiple of {per_word} and input features x bits a multiple of 32")
+        if spec.group_size > cols:
+            raise QuantizeError(f"quantize.group_size={spec.group_size} exceeds the {cols} input features of {name}")
+    return linears
+
+
+def calibration_blocks(recipe: Recipe, spec: GPTQSpec, tokenizer) -> tuple[torch.Tensor, str]:
+    """`samples` blocks of `seq_len` tokens drawn (seeded) from the calibration text, and their hash."""
+    source = spec.calib.source or recipe.data.train
+    blocks = packed_blocks(source, tokenizer, seq_len=spec.calib.seq_len, text_field=recipe.data.text_field, max_tokens=None, cache_dir=_cache(recipe))
+    if len(blocks) < spec.calib.samples:
+        raise QuantizeError(
+            f"calibration text {source} has {blocks.numel():,} tokens: fewer than quantize.calib.samples x seq_len = "
+            f"{spec.calib.samples} x {spec.calib.seq_len}; lower them or give more text"
+        )
+    pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))[: spec.calib.samples]
+    chosen = blocks[pick.sort().values]
+    return chosen, hashlib.sha256(chosen.numpy().tobytes()).hexdigest()
+
+
+def _cache(recipe: Recipe):
+    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
+
+
+def eval_blocks(recipe: Recipe, tokenizer) -> torch.Tensor:
+    data = recipe.data
+    return packed_blocks(data.eval or data.train, tokenizer, seq_len=data.seq_len, text_field=data.text_field, max_tokens=data.max_eval_tokens, cache_dir=_cache(recipe))
+
+
+def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+    spec = recipe.quantize
+    if spec is None:
+        raise QuantizeError("the recipe has no quantize section (give --method or a recipe with quantize:)")
+    start = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise QuantizeError(f"{output} already exists; pass --overwrite to replace it")
+    model = models.load_model(source)
+    if getattr(model.config, "quantization_config", None):
+        raise QuantizeError(f"{source} is already quantized; quantize a float model")
+    layer_layout(model.config)  # unsupported architectures stop here, by name
+    tokenizer = models.load_tokenizer(source)
+    device = _device(spec)
+    held_out = eval_blocks(recipe, tokenizer)
+    inputs = [describe_input("model", source, models.local_path(source))]
+    extra: dict = {}
+    if isinstance(spec, (GPTQSpec, RTNSpec)):
+        check_packable(model, spec)
+        calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer) if isinstance(spec, GPTQSpec) else (None, None))
+        if calib is not None:
+            inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len})
+    model.to(device)
+    before = perplexity_on_blocks(model, held_out)
+
+    t0 = time.perf_counter()
+    with staging_dir(output, overwrite=overwrite) as tmp:
+        if isinstance(spec, BnbSpec):
+            from compress.quantize.bnb import quantize_bnb
+
+            model.cpu()
+            del model
+            quantized = quantize_bnb(source, spec, device)
+            quantize_time = time.perf_counter() - t0
+            quantized.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            del quantized
+            reloaded = models.load_quantized(tmp, device=device)
+        else:
+            from compress.quantize.gptq_checkpoint import quantization_config, write_gptq
+
+            results, reports = _quantize_int(model, spec, calib if isinstance(spec, GPTQSpec) else None, progress)
+            quantize_time = time.perf_counter() - t0
+            qconfig = quantization_config(
+                bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+                act_order=getattr(spec, "act_order", False), damp=getattr(spec, "damp", 0.0),
+                static_groups=getattr(spec, "static_groups", False), modules=list(results),
+            )
+            qconfig["meta"]["method"] = spec.method
+            write_gptq(tmp, model.cpu(), results, qconfig, tokenizer)
+            del model
+            extra["layers"] = [asdict(r) for r in reports]
+            reloaded = models.load_quantized(tmp, device=device)
+        after = perplexity_on_blocks(reloaded, held_out)
+        metrics = {
+            "method": spec.method,
+            "ppl_before": before["ppl"],
+            "ppl_after": after["ppl"],
+            "ppl_increase": after["ppl"] / before["ppl"] - 1,
+            "eval_tokens": before["tokens"],
+            "eval_data": recipe.data.eval or recipe.data.train,
+            "size_before_bytes": weights_bytes(Path(models.resolve_source(source))),
+            "size_after_bytes": weights_bytes(tmp),
+            "quantize_time_s": round(quantize_time, 2),
+        }
+        metrics["compression"] = metrics["size_before_bytes"] / metrics["size_after_bytes"]
+        record = ArtifactRecord(
+            stage="quantize",
+            recipe=recipe.model_dump(mode="json"),
+            inputs=inputs,
+            metrics=metrics,
+            device=device_info(device.type),
+            wall_time_s=time.perf_counter() - start,
+            extra=extra,
+        )
+        write_json_atomic(tmp / RECORD_FILE, record.to_json())
+    return QuantizeResult(artifact=output, metrics=metrics)
+
+
+def _quantize_int(model, spec, calib, progress: bool):
+    from tqdm.auto import tqdm
+
+    grid = QuantGrid(bits=spec.bits, sym=spec.sym)
+    n_blocks = len(__import__("compress.architectures", fromlist=["get_blocks"]).get_blocks(model))
+    bar = tqdm(total=n_blocks, desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress, dynamic_ncols=True)
+
+    def on_layer(i, total, reports):
+        errors = [r.output_error if r.output_error is not None else r.weight_error for r in reports]
+        bar.update(1)
+        bar.set_postfix(layer=f"{i + 1}/{total}", rel_err=f"{max(errors):.4f}" if errors else "-")
+
+    kwargs = {}
+    if calib is not None:
+        kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, batch_size=spec.batch_size)
+    try:
+        return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, **kwargs)
+    finally:
+        bar.close()
+
+
+def describe(result: QuantizeResult) -> str:
+    m = result.metrics
+    return (
+        f"quantized: {result.artifact}\n"
+        f"  {m['method']}: eval ppl {m['ppl_before']:.2f} -> {m['ppl_after']:.2f} ({100 * m['ppl_increase']:+.1f}%), "
+        f"weights {m['size_before_bytes'] / 2**20:.1f} MB -> {m['size_after_bytes'] / 2**20:.1f} MB ({m['compression']:.2f}x), "
+        f"{m['quantize_time_s']:.0f} s"
+    )
+
+
+__all__ = ["QuantizeError", "QuantizeResult", "run_quantize", "describe", "json"]

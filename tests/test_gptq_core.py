@@ -1,0 +1,191 @@
+"""The GPTQ core on CPU: the grid, GPTQ against round-to-nearest, act-order groups, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.quantize.gptq import accumulate_hessian, gptq
+from compress.quantize.grid import QuantGrid, dequantize, find_params, quantize, rtn
+
+
+def correlated_inputs(tokens: int = 2048, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """X = Z A: a random mixing makes the features correlate, the case GPTQ's feedback exploits."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(tokens, cols, generator=g)
+    A = torch.randn(cols, cols, generator=g) / cols**0.5
+    return Z @ A
+
+
+def weight(rows: int = 64, cols: int = 256, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def hessian(X: torch.Tensor) -> torch.Tensor:
+    return accumulate_hessian(None, 0, X)[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_find_params_grid(bits, sym):
+    grid = QuantGrid(bits, sym)
+    W = weight(16, 64) * torch.linspace(0.01, 3, 16)[:, None]
+    W[3] = 0
+    W[5] = W[5].abs()  # all nonnegative: the symmetric grid must still cover it
+    scale, zero = find_params(W, grid)
+    assert scale.shape == zero.shape == (16,)
+    assert torch.equal(scale.half().float(), scale), "scales must be exact in fp16 (the checkpoint dtype)"
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= grid.maxq
+    if sym:
+        assert torch.all(zero == 2 ** (bits - 1))
+    assert scale[3] == 1
+    q = quantize(W, scale[:, None], zero[:, None], grid.maxq)
+    assert q.min() >= 0 and q.max() <= grid.maxq and torch.equal(q, q.round())
+    Q = dequantize(q, scale[:, None], zero[:, None])
+    assert torch.all(Q[3] == 0)
+    lo, hi = (scale * (0 - zero))[:, None], (scale * (grid.maxq - zero))[:, None]
+    in_range = (W >= lo) & (W <= hi)
+    err = (Q - W).abs()
+    assert torch.all(err[in_range] <= (scale[:, None] / 2).expand_as(W)[in_range] * (1 + 1e-6))
+    # Out of range only by the half step a rounded zero point leaves (and the top half step of the
+    # sym grid), widened by the fp16 rounding of the scale (relative 2**-11 over maxq steps).
+    assert torch.all(err <= scale[:, None] * (0.5 + grid.maxq * 2**-11))
+
+
+@pytest.mark.parametrize("group_size, cols", [(-1, 256), (32, 256), (48, 256), (128, 200)])
+@pytest.mark.parametrize("bits, sym", [(4, True), (3, False)])
+def test_identity_hessian_equals_rtn(group_size, cols, bits, sym):
+    W = weight(32, cols)
+    grid = QuantGrid(bits, sym)
+    a = gptq(W, torch.eye(cols), grid, group_size=group_size, block_size=64)
+    b = rtn(W, grid, group_size)
+    n_groups = 1 if group_size == -1 else -(-cols // group_size)
+    assert a.scales.shape == (n_groups, 32) and a.zeros.shape == (n_groups, 32)
+    for name in ("codes", "scales", "zeros", "g_idx", "Q"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.codes.dtype == a.zeros.dtype == a.g_idx.dtype == torch.int32
+
+
+def output_error(X, W, Q):
+    return float((X @ (W - Q).T).norm())
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (3, 128), (3, -1)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, act_order):
+    X, W = correlated_inputs(), weight()
+    grid = QuantGrid(bits)
+    a = gptq(W, hessian(X), grid, group_size=group_size, act_order=act_order)
+    b = rtn(W, grid, group_size)
+    ratio = output_error(X, W, a.Q) / output_error(X, W, b.Q)
+    assert ratio < 0.9, f"GPTQ output error is {ratio:.3f} of RTN's"
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_loss_is_the_dampened_objective(act_order):
+    # The sum of GPTQ's per-column OBS errors is exactly 1/2 tr(D H D^T) for D = W - Q, H dampened.
+    X, W = correlated_inputs(512, 128), weight(32, 128)
+    H = hessian(X)
+    r = gptq(W, H, QuantGrid(4), group_size=32, damp=0.05, act_order=act_order)
+    Hd = H + 0.05 * H.diag().mean() * torch.eye(128)
+    D = (W - r.Q).double()
+    assert r.loss == pytest.approx(float(0.5 * ((D @ Hd.double()) * D).sum()), rel=1e-4)
+
+
+def test_result_does_not_depend_on_block_size():
+    # Lazy blocks never cross a group start, so every group's grid sees all earlier updates.
+    X, W = correlated_inputs(512, 128), weight(32, 128)
+    H = hessian(X)
+    ref = gptq(W, H, QuantGrid(4), group_size=32, act_order=True, block_size=128)
+    for block_size in (1, 7, 48):
+        r = gptq(W, H, QuantGrid(4), group_size=32, act_order=True, block_size=block_size)
+        assert torch.equal(r.codes, ref.codes) and torch.equal(r.scales, ref.scales)
+        assert r.loss == pytest.approx(ref.loss, rel=1e-5)
+
+
+def skewed_hessian(cols: int) -> torch.Tensor:
+    # Feature scales spread over two decades so act order is a thorough shuffle.
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(1024, cols, generator=g) * torch.logspace(-1, 1, cols)[torch.randperm(cols, generator=g)]
+    return hessian(X)
+
+
+@pytest.mark.parametrize("group_size, cols", [(128, 576), (32, 96)])
+def test_act_order_groups(group_size, cols):
+    W, H = weight(32, cols), skewed_hessian(cols)
+    r = gptq(W, H, QuantGrid(4), group_size=group_size, act_order=True)
+    n_groups = -(-cols // group_size)
+    perm = torch.argsort(torch.diag(H), descending=True)
+    assert not torch.equal(perm, torch.arange(cols))
+    invperm = torch.argsort(perm)
+    assert torch.equal(r.g_idx, (torch.arange(cols) // group_size)[invperm].to(torch.int32))
+    expected = torch.empty(cols, dtype=torch.int32)
+    expected[perm] = (torch.arange(cols) // group_size).to(torch.int32)  # g_idx[perm[i]] = i // group_size
+    assert torch.equal(r.g_idx, expected)
+    assert r.g_idx.min() == 0 and r.g_idx.max() == n_groups - 1
+    sizes = torch.bincount(r.g_idx.long(), minlength=n_groups).tolist()
+    assert sizes == [group_size] * (cols // group_size) + ([cols % group_size] if cols % group_size else [])
+    assert r.scales.shape == r.zeros.shape == (n_groups, 32)
+    for c in range(cols):
+        g = r.g_idx[c]
+        assert torch.equal(r.Q[:, c], r.scales[g] * (r.codes[:, c] - r.zeros[g]).float())
+    assert r.codes.min() >= 0 and r.codes.max() <= 15
+
+    plain = gptq(W, H, QuantGrid(4), group_size=group_size)
+    assert torch.equal(plain.g_idx, (torch.arange(cols) // group_size).to(torch.int32))
+    static = gptq(W, H, QuantGrid(4), group_size=group_size, act_order=True, static_groups=True)
+    assert torch.equal(static.g_idx, plain.g_idx)
+    first = find_params(W[:, :group_size], QuantGrid(4))
+    assert torch.equal(static.scales[0], first[0]) and torch.equal(static.zeros[0], first[1].to(torch.int32))
+
+
+def test_dead_columns_and_inputs_untouched():
+    X, W = correlated_inputs(512, 64), weight(32, 64)
+    X[:, [3, 40]] = 0
+    H = hessian(X)
+    W_before, H_before = W.clone(), H.clone()
+    r = gptq(W, H, QuantGrid(4), group_size=32, act_order=True)
+    assert torch.equal(W, W_before) and torch.equal(H, H_before)
+    assert torch.isfinite(r.Q).all() and torch.isfinite(torch.tensor(r.loss))
+    assert torch.all(r.Q[:, [3, 40]] == 0)
+
+
+def test_dtype_follows_w():
+    W = weight(32, 64).to(torch.bfloat16)
+    r = gptq(W, torch.eye(64), QuantGrid(4), group_size=32)
+    assert r.Q.dtype == torch.bfloat16 and r.scales.dtype == torch.float32
+
+
+def test_bad_inputs():
+    W, H = weight(8, 32), torch.eye(32)
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8"):
+        gptq(W, H, QuantGrid(5))
+    with pytest.raises(ValueError, match=r"H must be \(32, 32\)"):
+        gptq(W, torch.eye(31), QuantGrid(4))
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="group_size must be"):
+            gptq(W, H, QuantGrid(4), group_size=bad)
+        with pytest.raises(ValueError, match="group_size must be"):
+            rtn(W, QuantGrid(4), bad)
+    W_nan = W.clone()
+    W_nan[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        gptq(W_nan, H, QuantGrid(4))
+    with pytest.raises(ValueError, match="increase damp"):
+        gptq(W, -torch.eye(32), QuantGrid(4))
+    with pytest.raises(ValueError, match="damp"):
+        gptq(W, H, QuantGrid(4), damp=-0.1)
+
+
+def test_accumulate_hessian_in_batches():
+    X = correlated_inputs(300, 24)
+    H, n = None, 0
+    for batch in (X[:7], X[7:107].reshape(4, 25, 24), X[107:107], X[107:]):
+        before = None if H is None else H.clone()
+        H_new, n = accumulate_hessian(H, n, batch)
+        if before is not None:
+            assert torch.equal(H, before), "the given H must not be modified"
+        H = H_new
+    assert n == 300
+    torch.testing.assert_close(H, 2 / 300 * X.T @ X, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        accumulate_hessian(H, n, torch.randn(4, 23))

@@ -1,0 +1,115 @@
+"""End to end on tiny models: quantize, save, reload, compare; bad input fails before long work."""
+import json
+
+import pytest
+import torch
+from conftest import save_tiny
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from compress.artifacts import read_record
+from compress.quantize.calibrate import quantize_blocks
+from compress.quantize.gptq_checkpoint import GPTQLinear, load_gptq
+from compress.quantize.grid import QuantGrid
+from compress.quantize.stage import QuantizeError, calibration_blocks, run_quantize
+from compress.recipe import validate_recipe
+
+
+def make_recipe(tmp_path, text_files, **quantize):
+    q = {"method": "gptq", "bits": 4, "group_size": 32, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}}
+    q.update(quantize)
+    if q["method"] != "gptq":
+        q.pop("calib")
+    return validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 1024, "cache_dir": str(tmp_path / "cache")},
+        "quantize": q,
+    })
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tokenizer_dir):
+    """A tiny trained Llama whose widths (64/128) divide every group size the tests use."""
+    from conftest import TINY
+
+    TINY_WIDE = dict(TINY["llama"], hidden_size=64, intermediate_size=128, num_key_value_heads=4)
+    saved = TINY["llama"]
+    TINY["llama"] = TINY_WIDE
+    try:
+        return save_tiny(tmp_path_factory.mktemp("wide") / "llama", "llama", tokenizer_dir, train_steps=300)
+    finally:
+        TINY["llama"] = saved
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, text_files, act_order):
+    recipe = make_recipe(tmp_path, text_files, act_order=act_order)
+    result = run_quantize(recipe, str(wide_llama), tmp_path / "q", progress=False)
+
+    # The fake-quantized model (weights replaced in memory) is what the checkpoint must reproduce.
+    model = AutoModelForCausalLM.from_pretrained(wide_llama).eval()
+    from transformers import AutoTokenizer
+
+    calib, _ = calibration_blocks(recipe, recipe.quantize, AutoTokenizer.from_pretrained(wide_llama))
+    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order)
+    reloaded = load_gptq(result.artifact)
+    assert sum(isinstance(m, GPTQLinear) for m in reloaded.modules()) == 4 * 7
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+    record = read_record(result.artifact)
+    m = record["metrics"]
+    assert record["stage"] == "quantize" and m["method"] == "gptq"
+    assert m["size_after_bytes"] < m["size_before_bytes"]
+    assert m["ppl_after"] > 0 and abs(m["ppl_increase"]) < 0.5
+    assert {i["role"] for i in record["inputs"]} == {"model", "calibration"}
+    assert len(record["layers"]) == 28 and all(l["output_error"] is not None for l in record["layers"])
+    config = json.loads((result.artifact / "config.json").read_text())
+    assert config["quantization_config"]["desc_act"] is act_order and config["quantization_config"]["bits"] == 4
+    with safe_open(str(result.artifact / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert "model.layers.0.self_attn.q_proj.qweight" in keys and "model.layers.0.self_attn.q_proj.weight" not in keys
+    assert "lm_head.weight" not in keys or not config.get("tie_word_embeddings")
+
+
+def test_gptq_beats_rtn_on_held_out_text(tmp_path, wide_llama, text_files):
+    gptq = run_quantize(make_recipe(tmp_path, text_files, bits=3, act_order=True), str(wide_llama), tmp_path / "g", progress=False).metrics
+    rtn = run_quantize(make_recipe(tmp_path, text_files, method="rtn", bits=3), str(wide_llama), tmp_path / "r", progress=False).metrics
+    assert gptq["ppl_before"] == rtn["ppl_before"]
+    assert gptq["ppl_after"] <= rtn["ppl_after"], (gptq["ppl_after"], rtn["ppl_after"])
+
+
+def test_gpt2_conv1d_layers_quantize(tmp_path, teachers, text_files):
+    result = run_quantize(make_recipe(tmp_path, text_files, method="rtn", bits=8), str(teachers["gpt2"]), tmp_path / "q", progress=False)
+    model = load_gptq(result.artifact)
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 4 * 4
+    assert result.metrics["ppl_increase"] < 0.05
+
+
+def test_bad_input_fails_before_calibration(tmp_path, teachers, wide_llama, text_files, monkeypatch):
+    import compress.quantize.stage as stage
+
+    monkeypatch.setattr(stage, "quantize_blocks", lambda *a, **k: pytest.fail("long work started"))
+    with pytest.raises(QuantizeError, match=r"cannot be packed at 3 bits"):
+        run_quantize(make_recipe(tmp_path, text_files, bits=3), str(teachers["llama"]), tmp_path / "a", progress=False)
+    with pytest.raises(QuantizeError, match=r"group_size=256 exceeds the 64 input features"):
+        run_quantize(make_recipe(tmp_path, text_files, group_size=256), str(wide_llama), tmp_path / "b", progress=False)
+    with pytest.raises(QuantizeError, match=r"fewer than quantize.calib.samples x seq_len = 100000 x 32"):
+        run_quantize(make_recipe(tmp_path, text_files, calib={"source": str(text_files["eval"]), "samples": 100000, "seq_len": 32}), str(wide_llama), tmp_path / "c", progress=False)
+    with pytest.raises(QuantizeError, match="no Linear layers matched"):
+        run_quantize(make_recipe(tmp_path, text_files, skip=["*"]), str(wide_llama), tmp_path / "d", progress=False)
+    (tmp_path / "e").mkdir()
+    with pytest.raises(QuantizeError, match="already exists"):
+        run_quantize(make_recipe(tmp_path, text_files), str(wide_llama), tmp_path / "e", progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".a", ".b", ".c", ".d"))], "half-written output left behind"
+
+
+def test_unsupported_architecture_is_named(tmp_path, text_files):
+    from transformers import BertConfig, BertLMHeadModel
+
+    folder = tmp_path / "bert"
+    BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True)).save_pretrained(folder)
+    from compress.architectures import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'bert'"):
+        run_quantize(make_recipe(tmp_path, text_files), str(folder), tmp_path / "q", progress=False)
