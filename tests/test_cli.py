@@ -45,3 +45,18 @@ def test_console_script_runs_a_tiny_distillation(tmp_path, teachers, text_files)
     assert record["recipe"]["distill"]["steps"] == 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+
+
+def test_quantize_command(tmp_path, teachers, text_files, capsys):
+    out = tmp_path / "q"
+    argv = ["quantize", str(teachers["llama"]), "--method", "rtn", "--bits", "8", "--group-size", "32", "--output", str(out), "--no-progress",
+            "--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=256", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    assert "rtn: eval ppl" in capsys.readouterr().out
+    record = json.loads((out / "compress.json").read_text())
+    assert record["metrics"]["method"] == "rtn" and record["recipe"]["quantize"]["bits"] == 8
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "no" / "such" / "model"), "--method", "rtn", "--output", str(tmp_path / "x")]) == 2
+    assert "model path not found" in capsys.readouterr().err
+    assert main(["quantize", str(teachers["llama"]), "--output", str(tmp_path / "y")]) == 2
+    assert "no quantize section" in capsys.readouterr().err
