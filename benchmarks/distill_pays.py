@@ -55,9 +55,10 @@ def main() -> None:
             runs[label] = {"metrics": done["metrics"], "wall_s": done["wall_time_s"], "loss": recipe.distill.loss.model_dump(), "reused": True}
             continue
         shutil.rmtree(recipe.run_dir, ignore_errors=True)
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()
         result = run_distill(recipe, progress=True)
-        runs[label] = {"metrics": result.metrics, "wall_s": round(time.perf_counter() - t0, 1), "loss": recipe.distill.loss.model_dump()}
+        # Load average before/after: another busy process on 2 cores can halve the throughput.
+        runs[label] = {"metrics": result.metrics, "wall_s": round(time.perf_counter() - t0, 1), "loss": recipe.distill.loss.model_dump(), "loadavg": [load_before, os.getloadavg()]}
         print(label, json.dumps(result.metrics["eval"]), flush=True)
 
     kd, ce = runs["distilled"]["metrics"], runs["cross-entropy only"]["metrics"]
