@@ -31,8 +31,8 @@ LICENSES = Path("/usr/share/common-licenses")
 VARIANTS: dict[str, dict | None] = {
     "float": None,
     "rtn4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
-    "gptq4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": False},
     "gptq4-g128-act": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True},
+    "gptq4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": False},
     "gptq3-g128-act": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True},
     "rtn3-g128": {"method": "rtn", "bits": 3, "group_size": 128},
     "bnb-nf4": {"method": "bnb-nf4"},

@@ -46,11 +46,11 @@ FAMILIES = tuple(TINY)
 MAIN_FAMILIES = ("llama", "qwen2", "gpt2")
 
 
-def tiny_config(family: str, vocab: int = VOCAB, layers: int = 4):
+def tiny_config(family: str, vocab: int = VOCAB, layers: int = 4, **overrides):
     from transformers import AutoConfig
 
     count = "n_layer" if family == "gpt2" else "num_hidden_layers"
-    return AutoConfig.for_model(family, vocab_size=vocab, **{count: layers}, **TINY[family])
+    return AutoConfig.for_model(family, vocab_size=vocab, **{count: layers}, **{**TINY[family], **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +71,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def save_tiny(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, layers: int = 4, vocab: int = VOCAB, train_steps: int = 0) -> Path:
+def save_tiny(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, layers: int = 4, vocab: int = VOCAB, train_steps: int = 0, **overrides) -> Path:
     """A tiny model saved as an HF folder; `train_steps` of plain LM training give it a peaked, data-aware distribution."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab=vocab, layers=layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab=vocab, layers=layers, **overrides))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if train_steps:
         ids = torch.tensor(tokenizer(" ".join(corpus_texts(limit_chars=20_000)))["input_ids"][: 64 * 32]).view(64, 32)
@@ -95,6 +95,14 @@ def save_tiny(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, 
 def teachers(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("teachers")
     return {f: save_tiny(root / f, f, tokenizer_dir, train_steps=30) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Llama trained long enough that its blocks matter (quantization error shows in perplexity);
+    widths 64/128 are multiples of every group size the quantization tests use."""
+    root = tmp_path_factory.mktemp("wide")
+    return save_tiny(root / "llama", "llama", tokenizer_dir, train_steps=300, hidden_size=64, intermediate_size=128, num_key_value_heads=4)
 
 
 @pytest.fixture(scope="session")

@@ -19,25 +19,12 @@ gptqmodel = pytest.importorskip(
     exc_type=ImportError,
 )
 
-from conftest import TINY, save_tiny  # noqa: E402
 
 from compress.quantize.gptq_checkpoint import GPTQLinear, load_gptq  # noqa: E402
 from compress.quantize.stage import run_quantize  # noqa: E402
 from compress.recipe import validate_recipe  # noqa: E402
 
 N_QUANTIZED = 4 * 7  # 4 decoder layers x (q, k, v, o, gate, up, down); lm_head stays float
-
-
-@pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory, tokenizer_dir):
-    """The tiny trained Llama of test_quantize.py: widths 64/128 are multiples of group size 32."""
-    wide = dict(TINY["llama"], hidden_size=64, intermediate_size=128, num_key_value_heads=4)
-    saved = TINY["llama"]
-    TINY["llama"] = wide
-    try:
-        return save_tiny(tmp_path_factory.mktemp("wide") / "llama", "llama", tokenizer_dir, train_steps=300)
-    finally:
-        TINY["llama"] = saved
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["act_order=False", "act_order=True"])

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -20,24 +19,12 @@ def make_recipe(tmp_path, text_files, **quantize):
     q.update(quantize)
     if q["method"] != "gptq":
         q.pop("calib")
+    if q["method"].startswith("bnb"):
+        q.pop("bits"), q.pop("group_size")
     return validate_recipe({
         "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 1024, "cache_dir": str(tmp_path / "cache")},
         "quantize": q,
     })
-
-
-@pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory, tokenizer_dir):
-    """A tiny trained Llama whose widths (64/128) divide every group size the tests use."""
-    from conftest import TINY
-
-    TINY_WIDE = dict(TINY["llama"], hidden_size=64, intermediate_size=128, num_key_value_heads=4)
-    saved = TINY["llama"]
-    TINY["llama"] = TINY_WIDE
-    try:
-        return save_tiny(tmp_path_factory.mktemp("wide") / "llama", "llama", tokenizer_dir, train_steps=300)
-    finally:
-        TINY["llama"] = saved
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -7,7 +7,6 @@ and its held-out perplexity measured before the artifact is renamed into place.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import torch
 
 from compress import models
-from compress.architectures import layer_layout
-from compress.artifacts import ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic, RECORD_FILE
+from compress.architectures import get_blocks, layer_layout
+from compress.artifacts import RECORD_FILE, ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic
 from compress.data import packed_blocks
 from compress.errors import CompressError
 from compress.evaluate import perplexity_on_blocks
@@ -166,7 +165,7 @@ def _quantize_int(model, spec, calib, progress: bool):
     from tqdm.auto import tqdm
 
     grid = QuantGrid(bits=spec.bits, sym=spec.sym)
-    n_blocks = len(__import__("compress.architectures", fromlist=["get_blocks"]).get_blocks(model))
+    n_blocks = len(get_blocks(model))
     bar = tqdm(total=n_blocks, desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress, dynamic_ncols=True)
 
     def on_layer(i, total, reports):
@@ -192,5 +191,3 @@ def describe(result: QuantizeResult) -> str:
         f"{m['quantize_time_s']:.0f} s"
     )
 
-
-__all__ = ["QuantizeError", "QuantizeResult", "run_quantize", "describe", "json"]
