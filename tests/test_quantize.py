@@ -85,6 +85,8 @@ def test_bad_input_fails_before_calibration(tmp_path, teachers, wide_llama, text
         run_quantize(make_recipe(tmp_path, text_files, calib={"source": str(text_files["eval"]), "samples": 100000, "seq_len": 32}), str(wide_llama), tmp_path / "c", progress=False)
     with pytest.raises(QuantizeError, match="no Linear layers matched"):
         run_quantize(make_recipe(tmp_path, text_files, skip=["*"]), str(wide_llama), tmp_path / "d", progress=False)
+    with pytest.raises(QuantizeError, match=r"quantizing the LM head \(lm_head\) is not supported"):
+        run_quantize(make_recipe(tmp_path, text_files, skip=[]), str(wide_llama), tmp_path / "d", progress=False)
     (tmp_path / "e").mkdir()
     with pytest.raises(QuantizeError, match="already exists"):
         run_quantize(make_recipe(tmp_path, text_files), str(wide_llama), tmp_path / "e", progress=False)

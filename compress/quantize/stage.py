@@ -19,7 +19,7 @@ from compress.artifacts import RECORD_FILE, ArtifactRecord, describe_input, devi
 from compress.data import packed_blocks
 from compress.errors import CompressError
 from compress.evaluate import perplexity_on_blocks
-from compress.quantize.calibrate import linear_weight, quantizable_linears, quantize_blocks
+from compress.quantize.calibrate import is_skipped, linear_weight, quantizable_linears, quantize_blocks
 from compress.quantize.grid import QuantGrid
 from compress.recipe import BnbSpec, GPTQSpec, Recipe, RTNSpec
 
@@ -46,6 +46,9 @@ def weights_bytes(directory: Path) -> int:
 
 def check_packable(model, spec) -> dict:
     """Refuse, before any calibration, layers the chosen bits/group size cannot be stored for."""
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    if not is_skipped(head, tuple(spec.skip)):
+        raise QuantizeError(f"quantizing the LM head ({head}) is not supported: keep it in quantize.skip (it stays in float)")
     linears = quantizable_linears(model, tuple(spec.skip))
     if not linears:
         raise QuantizeError(f"no Linear layers matched in {model.config.model_type} after skipping {spec.skip}")
