@@ -257,7 +257,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"models": {}}
     results.update(
-        command=f"{Path(sys.executable).name} benchmarks/gptqmodel_baseline.py " + " ".join(sys.argv[1:]),
+        command=" ".join([Path(sys.executable).name, "benchmarks/gptqmodel_baseline.py", *sys.argv[1:]]) + "  (a Python with gptqmodel installed)",
         gptqmodel_version=gptqmodel.__version__,
         settings={"samples": args.samples, "calib_len": args.calib_len, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens},
         machine=f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, GPTQMODEL_CPU_WORKERS={os.environ['GPTQMODEL_CPU_WORKERS']}, "
@@ -295,8 +295,9 @@ def main() -> None:
                 md.write_text(render(results))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if md.exists():
-        print(md.read_text())
+    out.write_text(json.dumps(results, indent=2) + "\n")  # also when every row was already there (refreshes command/md)
+    md.write_text(render(results))
+    print(md.read_text())
 
 
 if __name__ == "__main__":
