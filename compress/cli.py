@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--no-progress", action="store_true")
+    from compress_exporters.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -98,7 +101,13 @@ def _distill(args) -> int:
     return 0
 
 
-COMMANDS = {"distill": _distill, "quantize": _quantize}
+def _export(args) -> int:
+    from compress_exporters.cli import run_export_cli
+
+    return run_export_cli(args)
+
+
+COMMANDS = {"distill": _distill, "quantize": _quantize, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

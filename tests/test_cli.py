@@ -60,3 +60,14 @@ def test_quantize_command(tmp_path, teachers, text_files, capsys):
     assert "model path not found" in capsys.readouterr().err
     assert main(["quantize", str(teachers["llama"]), "--output", str(tmp_path / "y")]) == 2
     assert "no quantize section" in capsys.readouterr().err
+
+
+def test_export_command_is_wired(tmp_path, capsys):
+    try:
+        main(["export", "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    assert "--weights {fp32,fp16,int8,int4}" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "no" / "such" / "model"), "--output", str(tmp_path / "onnx")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()

@@ -1,0 +1,224 @@
+"""The pipeline behind `export_onnx`: inspect the source artifact, load its torch model (GPTQ layers become
+float Linears holding exactly their dequantized weights, which also makes them the validation reference),
+convert to fp32 ONNX, apply the weight format, save, check, validate against torch, write the folder.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress_exporters.onnx import MODEL_FILE, ExportError, ExportResult, genai_config, model_bytes, remove_work, save_model
+from compress_exporters.validation import Tolerance, ValidationFailedError
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # as given
+    path: str  # local folder or hub id
+    local: Path | None
+    format: str  # "float" or "gptq"
+    quantization: dict  # config.json quantization_config ({} for float)
+
+
+def inspect_source(model_dir, weights: str) -> Source:
+    """Everything that can be refused is refused here, before any weights load."""
+    from transformers import AutoConfig
+
+    from compress import models
+    from compress.architectures import layer_layout
+
+    path = models.resolve_source(str(model_dir))
+    local = models.local_path(str(model_dir))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"could not read the config of {model_dir}: {err}") from None
+    layer_layout(config)  # an unsupported architecture stops here, by name
+    quant = getattr(config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    method = quant.get("quant_method")
+    if method == "bitsandbytes":
+        raise ExportError(
+            f"{model_dir} is a bitsandbytes artifact; bitsandbytes layers do not export to ONNX. Export the float model "
+            "it came from instead (compress export FLOAT_DIR --weights int4 or int8), or quantize that with GPTQ "
+            "(compress quantize FLOAT_DIR --method gptq --bits 4) and export the GPTQ folder with --weights int4"
+        )
+    if method not in (None, "gptq"):
+        raise ExportError(f"{model_dir}: quantization {method!r} cannot be exported; export the float model instead")
+    if method == "gptq":
+        if local is None:
+            raise ExportError(f"{model_dir}: GPTQ models export from a local folder; download it first")
+        bits = int(quant.get("bits", 0))
+        if bits not in (4, 8):
+            raise ExportError(f"{model_dir} is a {bits}-bit GPTQ artifact; ONNX export carries 4- or 8-bit GPTQ weights (MatMulNBits). Export the float model instead")
+        if weights != f"int{bits}":
+            raise ExportError(
+                f"{model_dir} is a {bits}-bit GPTQ artifact: export it with --weights int{bits} (its weights are carried over exactly). "
+                f"For {weights}, export the float model it was quantized from"
+            )
+    return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant)
+
+
+def load_reference(source: Source):
+    """(torch model in fp32 eval mode, {weight_key: (layer name, NBitsWeight)} for GPTQ layers)."""
+    from compress import models
+
+    if source.format == "float":
+        return models.load_model(source.path), {}
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from compress.quantize.gptq_checkpoint import GPTQLinear
+    from compress.quantize.packing import PackedGPTQ, unpack
+    from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
+    from compress_exporters.weights import weight_key
+
+    model = models.load_quantized(source.local, device="cpu")
+    nbits = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, GPTQLinear):
+            continue
+        codes, zeros = unpack(PackedGPTQ(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits))
+        try:
+            packed = from_gptq(codes.numpy(), module.scales.float().numpy(), zeros.numpy(), module.g_idx.numpy(), module.bits)
+        except UnmappableGroupsError as err:
+            raise ExportError(f"{source.name}: layer {name}: {err}") from None
+        W = module.dequantized_weight(torch.float32)  # (out, in)
+        if not np.array_equal(dequantize(packed), W.T.numpy()):
+            raise RuntimeError(f"{name}: MatMulNBits repacking does not reproduce the GPTQ weight exactly (a bug)")
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = W
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        nbits[weight_key(W.T.numpy())] = (name, packed)
+    return model.eval(), nbits
+
+
+def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path):
+    """(model in the requested format, its quantization details for compress.json)."""
+    from compress_exporters import weights as fmt
+
+    weights, lm_head, level = settings["weights"], settings["lm_head"], settings["accuracy_level"]
+    fmt.strip_metadata(proto)
+    if weights == "fp32":
+        return proto, {}
+    if weights == "fp16":
+        return fmt.to_fp16(proto), {}
+    if lm_head == "int8":
+        fmt.untie_lm_head(proto)  # a tied head reads Transpose(embedding): give it a constant to quantize
+    head = fmt.find_lm_head(proto)
+    head_names = [head.name] if head is not None else []
+    details: dict = {"lm_head": lm_head}
+    if settings["int8_method"] == "dynamic":
+        details["method"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor"
+        return fmt.quantize_int8(proto, work, exclude=[] if lm_head == "int8" else head_names), details
+    if source.format == "gptq":
+        found = fmt.replace_with_nbits(proto, nbits, accuracy_level=level)
+        missing = sorted(layer for key, (layer, _) in nbits.items() if key not in found)
+        if missing:
+            raise ExportError(f"GPTQ layers {missing[:4]} were not found as MatMuls of the exported graph; cannot carry their weights over")
+        layers = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
+        act_order = sum(w.perm is not None for _, w in nbits.values())
+        details.update(method="GPTQ codes repacked into MatMulNBits", layers=layers, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
+    else:
+        from compress_exporters.onnx import NBITS_BLOCK_SIZE
+
+        bits = 4 if weights == "int4" else 8
+        exclude = [] if (bits == 8 and lm_head == "int8") else head_names
+        proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
+        details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
+    if lm_head == "int8" and head is not None and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
+        proto = fmt.quantize_nbits(proto, bits=8, block_size=32, accuracy_level=level, include=head_names)
+    return proto, details
+
+
+def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: Tolerance, providers: list[str], threads: int | None, overwrite: bool, start: float) -> ExportResult:
+    import onnx
+    import torch
+
+    from compress import models
+    from compress.artifacts import RECORD_FILE, ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic
+    from compress_exporters.decoder import cache_layout, export_decoder
+    from compress_exporters.runtime import create_session
+    from compress_exporters.validation import compare_with_torch, report
+    from compress_exporters.weights import op_counts
+
+    model, nbits = load_reference(source)
+    tokenizer = models.load_tokenizer(source.path)
+    prompt_ids = [list(tokenizer(p)["input_ids"]) for p in settings["validate_prompts"]]
+    if not prompt_ids or not all(prompt_ids):
+        raise ExportError("validate_prompts must be non-empty texts that tokenize to at least one token")
+    layout = cache_layout(model)
+    notes = []
+    if settings["weights"] == "fp16" and settings["device"] == "cpu":
+        notes.append("fp16 is meant for CUDA (--device cuda): ONNX Runtime's CPU provider has few fp16 kernels and runs it slower than fp32; on CPU prefer fp32, int8 or int4")
+    with staging_dir(output, overwrite=overwrite) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        t0 = time.perf_counter()
+        opset = export_decoder(model, work / "decoder.onnx", layout, exporter=settings["exporter"], opset=settings["opset"])
+        export_s = time.perf_counter() - t0
+        proto, quant_details = apply_weights(onnx.load(str(work / "decoder.onnx")), source, settings, nbits, work)
+        ops = op_counts(proto)
+        save_model(proto, tmp)
+        del proto
+        remove_work(work)
+        onnx.checker.check_model(str(tmp / MODEL_FILE))  # by path: models over 2 GB only check this way
+        session = create_session(tmp / MODEL_FILE, providers, threads)
+        if settings["device"] == "cuda" and torch.cuda.is_available():
+            model.to("cuda")
+        comparison = compare_with_torch(session, model, prompt_ids)
+        reference = "torch fp32, GPTQ weights dequantized (compress.models.load_quantized)" if source.format == "gptq" else "torch fp32"
+        validation = report(comparison, tolerance, reference)
+        used_providers = session.get_providers()
+        del session
+        if not validation["passed"]:
+            raise ValidationFailedError(
+                f"the ONNX export ({settings['weights']} from a {source.format} model) does not match {reference}: "
+                f"max relative logit difference {comparison.max_rel_diff:.3g} (allowed {tolerance.max_rel_diff:g}), "
+                f"top-1 agreement {comparison.top1_agreement:.3f} (required {tolerance.min_top1:g}) over {comparison.positions} positions "
+                f"of {comparison.prompts} prompts and {comparison.decode_steps} decode steps. Nothing was written to {output}. "
+                "Try weights=fp32 to tell a format problem from an export problem, or accuracy_level=0 for int4"
+            )
+        tokenizer.save_pretrained(tmp)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = model.generation_config.to_dict() if getattr(model, "generation_config", None) is not None else {}
+        if generation:
+            model.generation_config.save_pretrained(tmp)
+        provider = "cuda" if settings["device"] == "cuda" else None
+        write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider))
+        sizes = {"model_bytes": model_bytes(tmp), "source_weight_bytes": sum(p.stat().st_size for p in source.local.glob("*.safetensors")) if source.local else 0}
+        record = ArtifactRecord(
+            stage="export",
+            recipe={"export": settings},
+            inputs=[describe_input("model", source.name, source.local)],
+            metrics={"validation": validation, "sizes": sizes, "export_time_s": round(export_s, 3)},
+            device={**device_info(settings["device"] if torch.cuda.is_available() else "cpu"), "onnxruntime_providers": used_providers},
+            wall_time_s=time.perf_counter() - start,
+            extra={
+                "onnx": {"opset": opset, "exporter": settings["exporter"], "source_format": source.format, "source_quantization": source.quantization or None, "weights": quant_details, "ops": ops, "kv_cache": vars(layout), "versions": _onnx_versions()},
+                "notes": notes,
+            },
+        ).to_json()
+        write_json_atomic(tmp / RECORD_FILE, record)
+    return ExportResult(artifact=output, weights=settings["weights"], source_format=source.format, validation=validation, sizes=sizes, notes=tuple(notes), record=record)
+
+
+def _onnx_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+

@@ -1,0 +1,234 @@
+"""`export_onnx`: a model artifact (float, or GPTQ) -> an ONNX folder that ONNX Runtime, onnxruntime-genai and
+`compress_exporters.runtime` load: model.onnx (+ model.onnx.data), tokenizer, config.json,
+generation_config.json, genai_config.json and compress.json. The folder is validated against the torch model
+before it is renamed into place; on any failure nothing is left behind.
+
+    from compress_exporters.onnx import export_onnx
+    result = export_onnx("runs/quickstart/student", "runs/quickstart/onnx-int4", weights="int4")
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from compress.errors import CompressError
+from compress_exporters.decoder import EXPORTERS
+from compress_exporters.validation import DEFAULT_PROMPTS, ValidationFailedError, Tolerance
+
+WEIGHTS = ("fp32", "fp16", "int8", "int4")
+DEVICES = ("cpu", "cuda")
+LM_HEAD = ("float", "int8")
+INT8_METHODS = ("nbits", "dynamic")
+NBITS_BLOCK_SIZE = 32  # float -> int4/int8: ONNX Runtime's MatMulNBits quantizer, symmetric, blocks of 32
+# MatMulNBits accuracy_level 4 = int8 activations inside the kernel (the fast CPU path, what onnxruntime-genai
+# uses). Measured on SmolLM2-135M int4: top-1 agreement with float 0.667 at level 4 vs 0.661 at level 0.
+DEFAULT_ACCURACY_LEVEL = 4
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to model.onnx.data (protobuf caps at 2 GB)
+MODEL_FILE = "model.onnx"
+
+# Per-format bars for export-time validation (logits of the ONNX model vs its torch reference, see
+# validation.py). fp32 and GPTQ weights at accuracy_level 0 are numerically the torch model; the quantized
+# formats carry quantization error, so their bars catch broken graphs, not quality (compress bench measures
+# quality). Measured (exporters/README.md), SmolLM2-135M / tiny Llama: fp32 rel 2e-5 / 4e-7; fp16 rel 0.012,
+# top-1 0.993 / 1.0; int8 top-1 0.94 / 1.0; int4 (RTN, block 32) top-1 0.66 / 0.98; GPTQ int4 at level 0 rel 6e-7.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_rel_diff=1e-3, min_top1=0.95),
+    "fp16": Tolerance(max_rel_diff=5e-2, min_top1=0.9),
+    "int8": Tolerance(max_rel_diff=None, min_top1=0.8),
+    "int8-dynamic": Tolerance(max_rel_diff=None, min_top1=0.4),
+    "int4": Tolerance(max_rel_diff=None, min_top1=0.4),
+    "int4-gptq": Tolerance(max_rel_diff=None, min_top1=0.8),
+    "int8-gptq": Tolerance(max_rel_diff=None, min_top1=0.9),
+    # accuracy_level 0 computes in fp32: the GPTQ model exactly (the float LM head or an 8-bit one aside)
+    "int4-gptq-exact": Tolerance(max_rel_diff=1e-3, min_top1=0.95),
+}
+
+
+class ExportError(CompressError, ValueError):
+    """The export cannot be done as asked (wrong format for the input, unsupported input, missing package)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    artifact: Path
+    weights: str
+    source_format: str  # "float" or "gptq"
+    validation: dict[str, Any]
+    sizes: dict[str, int]
+    notes: tuple[str, ...]
+    record: dict[str, Any]
+
+
+def export_onnx(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    weights: str = "fp32",
+    device: str = "cpu",
+    opset: int | None = None,
+    accuracy_level: int | None = None,
+    overwrite: bool = False,
+    validate_prompts: Sequence[str] | None = None,
+    exporter: str = "dynamo",
+    lm_head: str | None = None,
+    int8_method: str = "nbits",
+    threads: int | None = None,
+) -> ExportResult:
+    """Export `model_dir` to `output_dir` with `weights` fp32 | fp16 | int8 | int4.
+
+    int4 from a float model: ONNX Runtime's MatMulNBits quantizer (symmetric, blocks of 32); from a GPTQ
+    artifact: its own codes, scales and zeros, repacked exactly. int8: weight-only 8-bit MatMulNBits (blocks of
+    32), or `int8_method="dynamic"` for ONNX Runtime's quantize_dynamic (per-channel weights, per-tensor
+    activations: much less accurate on real models, see exporters/README.md). `accuracy_level` (MatMulNBits
+    formats): 0 = fp32 activations, 4 = int8 activations inside the kernel (default, faster). `lm_head`:
+    "float" or "int8"; default int8 for int8/int4 exports. `device="cuda"` validates on ONNX Runtime's CUDA
+    provider and fails if it is not obtained. `validate_prompts`: texts for the validation (default: four)."""
+    start = time.perf_counter()
+    _check_choice("weights", weights, WEIGHTS)
+    _check_choice("device", device, DEVICES)
+    _check_choice("int8_method", int8_method, INT8_METHODS)
+    _check_choice("exporter", exporter, EXPORTERS)
+    if lm_head is not None:
+        _check_choice("lm_head", lm_head, LM_HEAD)
+        if weights in ("fp32", "fp16") and lm_head != "float":
+            raise ExportError(f"lm_head={lm_head!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
+    ort = _require_onnx(exporter)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ExportError(
+            f"device='cuda' needs ONNX Runtime's CUDAExecutionProvider; this onnxruntime offers {ort.get_available_providers()}. "
+            "Install onnxruntime-gpu instead of onnxruntime: pip uninstall onnxruntime && pip install 'compress-llm[onnx-gpu]'"
+        )
+    output = Path(output_dir)
+    if output.exists() and not overwrite:
+        from compress.artifacts import ArtifactExistsError
+
+        raise ArtifactExistsError(f"{output} already exists; pass --overwrite to replace it")
+
+    from compress_exporters import build
+
+    source = build.inspect_source(model_dir, weights)
+    dynamic = weights == "int8" and source.format == "float" and int8_method == "dynamic"
+    nbits_format = weights == "int4" or (weights == "int8" and not dynamic)
+    if accuracy_level is not None and (not nbits_format or accuracy_level not in (0, 1, 2, 3, 4)):
+        raise ExportError(f"accuracy_level (0-4) applies to MatMulNBits exports (int4, int8 without int8_method='dynamic'); got {accuracy_level!r} with weights={weights}")
+    lm_head = lm_head or ("int8" if weights in ("int8", "int4") else "float")
+    level = (DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level) if nbits_format else None
+    settings = {
+        "weights": weights,
+        "device": device,
+        "exporter": exporter,
+        "opset": opset,
+        "accuracy_level": level,
+        "block_size": NBITS_BLOCK_SIZE if nbits_format and source.format == "float" else None,
+        "int8_method": ("dynamic" if dynamic else "nbits") if weights == "int8" else None,
+        "lm_head": lm_head,
+        "validate_prompts": list(validate_prompts or DEFAULT_PROMPTS),
+    }
+    if source.format == "gptq":
+        key = f"{weights}-gptq-exact" if (weights == "int4" and level == 0 and lm_head == "float") else f"{weights}-gptq"
+    else:
+        key = "int8-dynamic" if dynamic else weights
+    return build.build_artifact(source, output, settings=settings, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, start=start)
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ExportError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _require_onnx(exporter: str):
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401  (torch's dynamo exporter builds the graph with it)
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime ({err.name} is missing): pip install 'compress-llm[onnx]'") from None
+    return onnxruntime
+
+
+def genai_config(config: dict, generation: dict, *, num_layers: int, num_kv_heads: int, head_dim: int, provider: str | None) -> dict:
+    """genai_config.json for onnxruntime-genai (the layout its model builder writes), for a model without
+    shared past/present buffers: ORT GenAI feeds each step's present.* back as past_key_values.*."""
+    eos = _value(generation, "eos_token_id", config.get("eos_token_id"))
+    pad = _value(generation, "pad_token_id", config.get("pad_token_id"))
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": [{"cuda": {}}] if provider == "cuda" else []},
+        "filename": MODEL_FILE,
+        "head_size": head_dim,
+        "hidden_size": config.get("hidden_size") or config.get("n_embd"),
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "num_attention_heads": config.get("num_attention_heads") or config.get("n_head"),
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": num_kv_heads,
+    }
+    return {
+        "model": {
+            "bos_token_id": _value(generation, "bos_token_id", config.get("bos_token_id")) or 1,
+            "context_length": context,
+            "decoder": decoder,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": config.get("model_type"),
+            "vocab_size": config.get("vocab_size"),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": bool(_value(generation, "do_sample", False)),
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": float(_value(generation, "repetition_penalty", 1.0)),
+            "temperature": float(_value(generation, "temperature", 1.0)),
+            "top_k": int(_value(generation, "top_k", 50)),
+            "top_p": float(_value(generation, "top_p", 1.0)),
+        },
+    }
+
+
+def _value(mapping: dict, key: str, default):
+    value = mapping.get(key)
+    return default if value is None else value
+
+
+def save_model(model, directory: Path) -> None:
+    """model.onnx, with the weights in model.onnx.data when they are large (one file either way below 2 GB)."""
+    import onnx
+
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    path = directory / MODEL_FILE
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=MODEL_FILE + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def model_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob(MODEL_FILE + "*"))
+
+
+def remove_work(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["export_onnx", "ExportResult", "ExportError", "ValidationFailedError", "TOLERANCES", "WEIGHTS", "genai_config"]

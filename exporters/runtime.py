@@ -1,0 +1,241 @@
+"""Run an exported ONNX folder with ONNX Runtime alone: no torch, no transformers (numpy, onnxruntime,
+tokenizers, json). For apps that ship a model made by `compress export`:
+
+    from compress_exporters.runtime import OnnxCausalLM
+    lm = OnnxCausalLM.from_dir("runs/onnx-int4", threads=2)
+    print(lm.generate("The capital of France is", max_new_tokens=20).text)
+    for piece in lm.stream("Once upon a time", max_new_tokens=50): print(piece, end="", flush=True)
+
+Generation prefills the prompt with an empty KV cache, then feeds one token per step with the cache the
+previous step returned.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from compress.errors import CompressError
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class RuntimeLoadError(CompressError, ValueError):
+    """The folder is not a loadable ONNX export."""
+
+
+class ProviderUnavailableError(CompressError, RuntimeError):
+    """An execution provider was asked for and ONNX Runtime did not give it."""
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RuntimeLoadError("onnxruntime is not installed: pip install 'compress-llm[onnx]' (CPU) or 'compress-llm[onnx-gpu]' (CUDA), not both") from None
+    return onnxruntime
+
+
+def session_options(threads: int | None = None):
+    """Threads pinned when given, and no spin-waiting: a spinning pool starves other work on a small CPU."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None):
+    """An InferenceSession that really runs on `providers` (default CPU). ONNX Runtime quietly falls back to
+    CPU when e.g. CUDA libraries are missing; here that is an error naming what was asked and what was got."""
+    ort = _ort()
+    providers = list(providers or ["CPUExecutionProvider"])
+    wanted = [p if isinstance(p, str) else p[0] for p in providers]
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ProviderUnavailableError(
+            f"ONNX Runtime here offers {available}, not {missing}; for CUDA install onnxruntime-gpu "
+            "(pip install 'compress-llm[onnx-gpu]', after uninstalling onnxruntime) with its CUDA and cuDNN libraries"
+        )
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    lost = [p for p in wanted if p not in session.get_providers()]
+    if lost:
+        raise ProviderUnavailableError(
+            f"asked for {wanted} but the session runs on {session.get_providers()}: {lost} failed to initialise "
+            "(for CUDA: check that the CUDA and cuDNN versions onnxruntime-gpu was built for are installed)"
+        )
+    return session
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the generated text, special tokens left out
+    token_ids: list[int]  # generated tokens, the stop token included when one ended generation
+    prompt_ids: list[int]
+    finish_reason: str  # "stop" (a stop token), "length" (max_new_tokens or the context length)
+
+
+@dataclass
+class _Sampler:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if not self.do_sample:
+            return int(np.argmax(logits))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        z = logits.astype(np.float64) / self.temperature
+        if 0 < self.top_k < z.size:
+            z[z < np.partition(z, -self.top_k)[-self.top_k]] = -np.inf
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if self.top_p < 1.0:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < self.top_p  # the smallest head whose mass reaches top_p
+            cut = np.zeros_like(p)
+            cut[order[keep]] = p[order[keep]]
+            p = cut / cut.sum()
+        return int(self.rng.choice(p.size, p=p))
+
+
+class OnnxCausalLM:
+    """A decoder exported by `compress export` (inputs input_ids, attention_mask, position_ids,
+    past_key_values.{i}.key/value; outputs logits, present.{i}.key/value) and its tokenizer."""
+
+    def __init__(self, session, tokenizer, *, eos_ids: Iterable[int] = (), context_length: int | None = None, directory: Path | None = None):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.context_length = context_length
+        self.directory = directory
+        inputs = {i.name: i for i in session.get_inputs()}
+        self._past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)
+        if not self._past or not {"input_ids", "attention_mask"} <= set(inputs):
+            raise RuntimeLoadError(f"{directory or 'the model'} lacks the inputs of a KV-cache decoder (input_ids, attention_mask, past_key_values.*)")
+        self._has_positions = "position_ids" in inputs
+        self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
+        self._past_shape = {n: inputs[n].shape for n in self._past}
+        self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
+
+    @classmethod
+    def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None) -> "OnnxCausalLM":
+        directory = Path(path)
+        model = directory / MODEL_FILE
+        if not model.is_file():
+            raise RuntimeLoadError(f"{directory}: no {MODEL_FILE}; point at a folder written by `compress export`")
+        if not (directory / TOKENIZER_FILE).is_file():
+            raise RuntimeLoadError(f"{directory}: no {TOKENIZER_FILE} (a fast tokenizer); re-export from a model with a fast tokenizer")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        eos, context = _read_eos_and_context(directory)
+        return cls(create_session(model, providers, threads), tokenizer, eos_ids=eos, context_length=context, directory=directory)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_tokens: Iterable[int | str] | None = None) -> Generation:
+        """Greedy by default (matches transformers' generate(do_sample=False)). `stop_tokens`: ids or token
+        strings ending generation; None = the model's EOS tokens, [] = run to max_new_tokens."""
+        prompt_ids = self._prompt_ids(prompt)
+        tokens: list[int] = []
+        reason = "length"
+        stop = self._stop_set(stop_tokens)
+        for token in self._token_stream(prompt_ids, max_new_tokens, _Sampler(do_sample, temperature, top_k, top_p, np.random.default_rng(seed))):
+            tokens.append(token)
+            if token in stop:
+                reason = "stop"
+                break
+        return Generation(text=self.decode(tokens), token_ids=tokens, prompt_ids=prompt_ids, finish_reason=reason)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **kwargs) -> Iterator[str]:
+        """The text of `generate`, piece by piece as tokens arrive (a piece waits while a character's bytes
+        are split across tokens)."""
+        stop = self._stop_set(kwargs.pop("stop_tokens", None))
+        sampler = _Sampler(kwargs.pop("do_sample", False), kwargs.pop("temperature", 1.0), kwargs.pop("top_k", 0), kwargs.pop("top_p", 1.0), np.random.default_rng(kwargs.pop("seed", None)))
+        if kwargs:
+            raise TypeError(f"stream() got unexpected arguments {sorted(kwargs)}")
+        tokens: list[int] = []
+        emitted = ""
+        for token in self._token_stream(self._prompt_ids(prompt), max_new_tokens, sampler):
+            tokens.append(token)
+            text = self.decode(tokens)
+            if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+            if token in stop:
+                break
+        text = self.decode(tokens)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted):]  # a trailing piece that never completed a character
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        return ids
+
+    def _stop_set(self, stop_tokens) -> frozenset[int]:
+        if stop_tokens is None:
+            return self.eos_ids
+        ids = set()
+        for token in stop_tokens:
+            if isinstance(token, str):
+                found = self.tokenizer.token_to_id(token)
+                if found is None:
+                    raise ValueError(f"stop token {token!r} is not in the vocabulary")
+                ids.add(found)
+            else:
+                ids.add(int(token))
+        return frozenset(ids)
+
+    def _token_stream(self, prompt_ids: list[int], max_new_tokens: int, pick: Callable[[np.ndarray], int]) -> Iterator[int]:
+        n = len(prompt_ids)
+        budget = max_new_tokens if self.context_length is None else min(max_new_tokens, self.context_length - n)
+        feeds = {"input_ids": np.asarray([prompt_ids], np.int64)}
+        feeds.update({name: np.zeros((1, shape[1], 0, shape[3]), self._past_dtype[name]) for name, shape in self._past_shape.items()})
+        positions = np.arange(n, dtype=np.int64)[None]
+        for _ in range(budget):
+            feeds["attention_mask"] = np.ones((1, n), np.int64)
+            if self._has_positions:
+                feeds["position_ids"] = positions
+            logits, *present = self.session.run(self._outputs, feeds)
+            token = pick(logits[0, -1].astype(np.float32))
+            yield token
+            feeds = dict(zip(self._past, present))
+            feeds["input_ids"] = np.asarray([[token]], np.int64)
+            positions = np.asarray([[n]], np.int64)
+            n += 1
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    _, index, kind = name.split(".")
+    return int(index), kind
+
+
+def _read_eos_and_context(directory: Path) -> tuple[list[int], int | None]:
+    eos: list[int] = []
+    context = None
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file() and not eos:
+            value = json.loads(path.read_text()).get("eos_token_id")
+            eos = [value] if isinstance(value, int) else list(value or [])
+    genai = directory / "genai_config.json"
+    if genai.is_file():
+        context = json.loads(genai.read_text()).get("model", {}).get("context_length")
+    return eos, context

@@ -1,0 +1,179 @@
+"""Weight formats of an exported fp32 ONNX decoder: fp16, int8 (dynamic, per channel), int4 MatMulNBits
+quantized by ONNX Runtime from float weights, or carried over exactly from a GPTQ checkpoint.
+
+Every function takes and returns an in-memory `onnx.ModelProto` (int8 goes through a file because
+`quantize_dynamic` writes one) and leaves saving to the caller.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compress_exporters.matmulnbits import NBitsWeight
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _quiet_ort_logs():
+    # The quantizers log one INFO line per node through the root logger.
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def find_lm_head(model: onnx.ModelProto, logits: str = "logits") -> onnx.NodeProto | None:
+    """The MatMul/Gemm that produces the logits (through Add/Cast/Reshape-like nodes), or None."""
+    producers = _producers(model.graph)
+    frontier, seen = [logits], set()
+    while frontier:
+        name = frontier.pop()
+        node = producers.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits"):
+            return node
+        if node.op_type in ("Add", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpose"):
+            frontier.extend(i for i in node.input if i)
+    return None
+
+
+def untie_lm_head(model: onnx.ModelProto) -> bool:
+    """A tied head multiplies by Transpose(embedding): give it its own (K, N) initializer so the quantizers,
+    which only take constant weights, can quantize it. Returns whether anything changed."""
+    head = find_lm_head(model)
+    if head is None or head.op_type != "MatMul":
+        return False
+    producers = _producers(model.graph)
+    inits = {init.name: init for init in model.graph.initializer}
+    transpose = producers.get(head.input[1])
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+        return False
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    W = numpy_helper.to_array(inits[transpose.input[0]])
+    if W.ndim != 2 or perm not in (None, [1, 0]):
+        return False
+    name = f"{transpose.input[0]}.T"
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(W.T), name))
+    head.input[1] = name
+    remove_unused(model)
+    return True
+
+
+def remove_unused(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads and initializers no node reads (top-level graph only)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = needed | {i.name for i in graph.input}
+    inits = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """The dynamo exporter stores a Python stack trace per node: several times the weights of a small model."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    model.graph.doc_string = ""
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights, activations, KV cache and logits; token ids and masks stay int64."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # Shape inference cannot take protos over 2 GB; the converter does not need it for these graphs.
+    return convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+
+
+def quantize_int8(model: onnx.ModelProto, work: Path, *, exclude: list[str]) -> onnx.ModelProto:
+    """Dynamic int8: MatMul weights int8 per output channel, activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet_ort_logs()
+    out = work / "int8.onnx"
+    quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True)
+    return onnx.load(str(out))
+
+
+def quantize_nbits(model: onnx.ModelProto, *, bits: int, block_size: int, accuracy_level: int | None, exclude=(), include=None) -> onnx.ModelProto:
+    """ONNX Runtime's MatMulNBits quantizer (symmetric round-to-nearest per block) on constant MatMul weights."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet_ort_logs()
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), nodes_to_include=include)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def weight_key(W: np.ndarray) -> str:
+    """Identity of a (K, N) float32 weight by value: exporters rename and transpose-fold initializers."""
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    return f"{W.shape}:{hashlib.sha256(W.tobytes()).hexdigest()}"
+
+
+def replace_with_nbits(model: onnx.ModelProto, weights: dict[str, tuple[str, NBitsWeight]], *, accuracy_level: int | None) -> set[str]:
+    """Swap every MatMul whose constant B equals a known weight (by `weight_key`) for a MatMulNBits fed the
+    exact packed tensors; act-order layers get a Gather permuting their input (shared by q/k/v, which read the
+    same input in the same order). Returns the keys of the weights that were found."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    gathers: dict[tuple[str, str], str] = {}
+    replaced: set[str] = set()
+    for node in graph.node:
+        b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        init = inits.get(b) if b else None
+        key = weight_key(numpy_helper.to_array(init)) if init is not None and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT else None
+        match = weights.get(key)
+        if match is None:
+            new_nodes.append(node)
+            continue
+        layer, w = match
+        a = node.input[0]
+        if w.perm is not None:
+            perm_key = hashlib.sha256(w.perm.tobytes()).hexdigest()[:16]
+            if (a, perm_key) not in gathers:
+                perm_name = f"{layer}.MatMulNBits.perm"
+                new_inits.append(numpy_helper.from_array(w.perm.astype(np.int64), perm_name))
+                gathers[(a, perm_key)] = f"{layer}.MatMulNBits.input_in_group_order"
+                new_nodes.append(helper.make_node("Gather", [a, perm_name], [gathers[(a, perm_key)]], name=f"{layer}/ActOrderGather", axis=-1))
+            a = gathers[(a, perm_key)]
+        prefix = f"{layer}.MatMulNBits"
+        new_inits += [numpy_helper.from_array(w.B, f"{prefix}.B"), numpy_helper.from_array(w.scales, f"{prefix}.scales")]
+        inputs = [a, f"{prefix}.B", f"{prefix}.scales"]
+        if w.zero_points is not None:
+            new_inits.append(numpy_helper.from_array(w.zero_points, f"{prefix}.zero_points"))
+            inputs.append(f"{prefix}.zero_points")
+        attrs = dict(K=w.K, N=w.N, bits=w.bits, block_size=w.block_size)
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{layer}/MatMulNBits", domain=MS_DOMAIN, **attrs))
+        replaced.add(key)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    remove_unused(model)
+    return replaced
