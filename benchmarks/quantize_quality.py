@@ -110,7 +110,8 @@ def render(results: dict) -> str:
                 cells.append(f"{row['ppl'][d]:.2f}{rel}")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['size_mb']:.1f} | {row['quantize_s']:.0f} |")
         lines.append("")
-    lines += [f"For context: {PAPER_CONTEXT}", "", f"Command: `{results['command']}`", ""]
+    lines += [f"For context: {PAPER_CONTEXT}", "", "Commands (rows accumulate; a rerun skips finished rows):", ""]
+    lines += [f"    {c}" for c in results.get("commands", [results["command"]])] + [""]
     return "\n".join(lines)
 
 
@@ -137,8 +138,11 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "quantize_quality.json"
     results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"models": {}}
+    command = "python benchmarks/quantize_quality.py " + " ".join(sys.argv[1:])
+    # Rows accumulate over runs (a rerun skips finished rows), so keep every command that added some.
+    results["commands"] = [c for c in results.get("commands", []) if c != command] + [command]
     results.update(
-        command="python benchmarks/quantize_quality.py " + " ".join(sys.argv[1:]),
+        command=command,
         settings={"samples": args.samples, "calib_len": args.calib_len, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens},
         machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}",
         paper_context=PAPER_CONTEXT,
@@ -167,6 +171,8 @@ def main() -> None:
                 (RESULTS / "quantize_quality.md").write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "quantize_quality.md").write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
     print((RESULTS / "quantize_quality.md").read_text())
 
 
