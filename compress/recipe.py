@@ -154,6 +154,7 @@ class GPTQSpec(_IntQuantSpec):
     damp: float = Field(0.01, gt=0, lt=1, description="Dampening added to the Hessian diagonal, as a fraction of its mean.")
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
     static_groups: StrictBool = Field(False, description="With act_order, fix group parameters before reordering (g_idx stays sequential).")
+    true_sequential: StrictBool = Field(False, description="Calibrate q/k/v, o, gate/up, down in turn, each on inputs through the already-quantized sub-layers (GPTQModel's default; on SmolLM2-135M it was not better and 35% slower).")
     calib: CalibSpec = Field(default_factory=CalibSpec, description="Calibration data.")
     batch_size: int = Field(8, ge=1, description="Calibration sequences per forward pass.")
 

@@ -102,3 +102,23 @@ def test_unsupported_architecture_is_named(tmp_path, text_files):
 
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'bert'"):
         run_quantize(make_recipe(tmp_path, text_files), str(folder), tmp_path / "q", progress=False)
+
+
+def test_true_sequential_groups_follow_the_block(wide_llama):
+    from compress.quantize.calibrate import capture_block_inputs, linear_groups, quantizable_linears
+    from compress.architectures import get_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(wide_llama).eval()
+    states = capture_block_inputs(model, torch.randint(0, 300, (2, 16)), batch_size=2)
+    mine = {n: m for n, m in quantizable_linears(model, ("lm_head",)).items() if n.startswith("model.layers.0.")}
+    with torch.no_grad():
+        groups = linear_groups(get_blocks(model)[0], mine, states)
+    short = [[n.rsplit(".", 1)[1] for n in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_true_sequential_option_runs_and_is_recorded(tmp_path, wide_llama, text_files):
+    result = run_quantize(make_recipe(tmp_path, text_files, true_sequential=True), str(wide_llama), tmp_path / "q", progress=False)
+    config = json.loads((result.artifact / "config.json").read_text())
+    assert config["quantization_config"]["true_sequential"] is True
+    assert result.metrics["ppl_increase"] < 0.5

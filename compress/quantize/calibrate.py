@@ -21,6 +21,10 @@ class _Captured(Exception):
     """Raised by the hook on block 0 once its inputs are recorded: nothing after it needs to run."""
 
 
+class _StopForward(Exception):
+    """Raised once the Linears being calibrated have seen their inputs: the rest of the block is not needed."""
+
+
 @dataclass(frozen=True)
 class LayerReport:
     name: str
@@ -102,6 +106,7 @@ def quantize_blocks(
     act_order: bool = False,
     block_size: int = 128,
     static_groups: bool = False,
+    true_sequential: bool = False,
     batch_size: int = 8,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
@@ -119,14 +124,19 @@ def quantize_blocks(
         mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
         block_reports = []
         if method == "gptq":
-            hessians = _block_hessians(block, mine, states)
-            for name, module in mine.items():
-                H, _ = hessians[name]
-                W = linear_weight(module).float()
-                res = gptq(W, H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups)
-                block_reports.append(_report(name, W, res.Q, H))
-                set_linear_weight(module, res.Q)
-                results[name] = res
+            # True-sequential: q/k/v, then o, then gate/up, then down, each calibrated on inputs that
+            # already pass through the quantized sub-layers before it (GPTQModel's default).
+            groups = linear_groups(block, mine, states) if true_sequential else [list(mine)]
+            for group in groups:
+                hessians = _block_hessians(block, {n: mine[n] for n in group}, states, stop=true_sequential)
+                for name in group:
+                    module = mine[name]
+                    H, _ = hessians[name]
+                    W = linear_weight(module).float()
+                    res = gptq(W, H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups)
+                    block_reports.append(_report(name, W, res.Q, H))
+                    set_linear_weight(module, res.Q)
+                    results[name] = res
             # The next block sees what this block produces *now that it is quantized*.
             states = [(_block_output(block(h, **kw)), kw) for h, kw in states]
         else:
@@ -142,8 +152,35 @@ def quantize_blocks(
     return results, reports
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states) -> dict[str, tuple[torch.Tensor, int]]:
-    """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at each Linear's input."""
+def linear_groups(block: nn.Module, linears: dict[str, nn.Module], states) -> list[list[str]]:
+    """The block's Linears in call order, grouped by shared input (q/k/v; gate/up), from one forward."""
+    groups: list[list[str]] = []
+    last: dict = {"x": None}
+
+    def make_hook(name):
+        def hook(module, args):
+            if args[0] is last["x"]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+                last["x"] = args[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        hidden, kwargs = states[0]
+        block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = set(linears) - {n for g in groups for n in g}
+    return groups + ([sorted(missing)] if missing else [])
+
+
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states, *, stop: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at each Linear's input;
+    with `stop`, each forward ends as soon as the last of these Linears has seen its input."""
     hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in linears}
     # q/k/v (and gate/up) read the very same input tensor: accumulate its Hessian once and share it.
     alias: dict[str, str] = {}
@@ -161,9 +198,18 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states) -> 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    if stop:
+        def halt(module, args):
+            raise _StopForward
+
+        # Registered after the accumulating hook, so that one still runs first.
+        handles.append(list(linears.values())[-1].register_forward_pre_hook(halt))
     try:
         for h, kw in states:
-            block(h, **kw)
+            try:
+                block(h, **kw)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
