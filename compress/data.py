@@ -161,7 +161,7 @@ def load_blocks(spec, tokenizer) -> Blocks:
         train, held_out = train[:-n_eval], train[-n_eval:]
         if spec.max_eval_tokens is not None:
             held_out = held_out[: max(1, spec.max_eval_tokens // spec.seq_len)]
-        sources["eval"] = sources["train"] + f" (last {spec.eval_fraction:.0%} of blocks)"
+        sources["eval"] = sources["train"]  # its last eval_fraction of blocks
     return Blocks(train=train, eval=held_out, sources=sources)
 
 

@@ -215,7 +215,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
             inputs=[
                 describe_input("teacher", t.model, models.local_path(t.model)),
                 describe_input("train_data", recipe.data.train, blocks.sources["train"]),
-                describe_input("eval_data", recipe.data.eval or recipe.data.train, blocks.sources["train"] if recipe.data.eval is None else blocks.sources["eval"]),
+                describe_input("eval_data", recipe.data.eval or recipe.data.train, blocks.sources["eval"]),
             ]
             + ([describe_input("student_init", recipe.student.model, models.local_path(recipe.student.model))] if recipe.student.model else []),
             metrics=metrics,

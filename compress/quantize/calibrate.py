@@ -124,14 +124,13 @@ def quantize_blocks(
         mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
         block_reports = []
         if method == "gptq":
-            # True-sequential: q/k/v, then o, then gate/up, then down, each calibrated on inputs that
-            # already pass through the quantized sub-layers before it (GPTQModel's default).
-            groups = linear_groups(block, mine, states) if true_sequential else [list(mine)]
-            for group in groups:
-                hessians = _block_hessians(block, {n: mine[n] for n in group}, states, stop=true_sequential)
-                for name in group:
-                    module = mine[name]
-                    H, _ = hessians[name]
+            # Linears reading the same input (q/k/v; gate/up) share one Hessian. True-sequential takes
+            # the groups in turn, each calibrated through the already-quantized groups before it.
+            groups = linear_groups(block, mine, states)
+            for stage in ([[g] for g in groups] if true_sequential else [groups]):
+                hessians = _block_hessians(block, mine, stage, states, stop=true_sequential)
+                for name in (n for g in stage for n in g):
+                    module, H = mine[name], hessians[name]
                     W = linear_weight(module).float()
                     res = gptq(W, H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups)
                     block_reports.append(_report(name, W, res.Q, H))
@@ -178,32 +177,22 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Module], states) -> li
     return groups + ([sorted(missing)] if missing else [])
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states, *, stop: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
-    """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at each Linear's input;
-    with `stop`, each forward ends as soon as the last of these Linears has seen its input."""
-    hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in linears}
-    # q/k/v (and gate/up) read the very same input tensor: accumulate its Hessian once and share it.
-    alias: dict[str, str] = {}
-    last: dict = {"x": None, "name": None}
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]], states, *, stop: bool = False) -> dict[str, torch.Tensor]:
+    """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at the input of each
+    group's first Linear (the others read the same tensor); with `stop`, each forward ends once the
+    last group has seen its input."""
+    sums: dict[str, tuple[torch.Tensor | None, int]] = {g[0]: (None, 0) for g in groups}
 
-    def make_hook(name):
+    def make_hook(leader):
         def hook(module, args):
             x = args[0]
-            if x is last["x"]:
-                alias[name] = alias.get(last["name"], last["name"])
-                return
-            last.update(x=x, name=name)
-            hessians[name] = accumulate_hessian(*hessians[name], x.reshape(-1, x.shape[-1]).float())
+            sums[leader] = accumulate_hessian(*sums[leader], x.reshape(-1, x.shape[-1]).float())
+            if stop and leader == groups[-1][0]:
+                raise _StopForward
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
-    if stop:
-        def halt(module, args):
-            raise _StopForward
-
-        # Registered after the accumulating hook, so that one still runs first.
-        handles.append(list(linears.values())[-1].register_forward_pre_hook(halt))
+    handles = [linears[g[0]].register_forward_pre_hook(make_hook(g[0])) for g in groups]
     try:
         for h, kw in states:
             try:
@@ -213,9 +202,7 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], states, *, 
     finally:
         for handle in handles:
             handle.remove()
-    for name, leader in alias.items():
-        hessians[name] = hessians[leader]
-    return hessians
+    return {name: sums[g[0]][0] for g in groups for name in g}
 
 
 def _report(name: str, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> LayerReport:
