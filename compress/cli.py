@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from compress.errors import CompressError
 from compress.recipe import describe_keys, dump_recipe, load_recipe
@@ -69,6 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
     from compress_exporters.cli import add_export_parser
 
     add_export_parser(sub)
+    run = sub.add_parser(
+        "run",
+        help="the whole chain from one recipe: distill -> quantize -> export -> bench",
+        description="Check the recipe's whole chain before any compute, then run its stages in order (distill, and "
+        "quantize / export / bench when the recipe has those sections), each writing its artifact under the run folder, "
+        "and print the bench report. With --resume, stages whose artifact is complete and whose inputs are unchanged are "
+        "skipped and an interrupted distillation continues from its last checkpoint.",
+        epilog="examples:\n  compress run recipes/quickstart.yaml\n  compress run recipes/quickstart.yaml --resume                # after an interruption or a recipe edit\n"
+        "  compress run recipes/quickstart.yaml --set quantize.bits=8 --set export.weights=int8 --resume\n\n" + _keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_recipe_args(run)
+    run.add_argument("--resume", action="store_true", help="continue an existing run folder, skipping finished stages whose inputs are unchanged")
+    run.add_argument("--overwrite", action="store_true", help="start over, replacing every stage's output")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench = sub.add_parser(
+        "bench",
+        help="measure quality, speed and size of artifacts side by side (float, GPTQ, bitsandbytes, ONNX)",
+        description="Measure every artifact on the same held-out windows and prompts: perplexity, KL(teacher||model) "
+        "and top-1 agreement (teacher from --teacher or the artifacts' lineage), prefill latency, decode tokens/s, "
+        "peak memory, parameters and size. Writes results.json, report.md and PNG plots into --output; rerunning "
+        "into the same folder reuses finished measurements (keyed by content hash and settings).",
+        epilog="examples:\n  compress bench builtin:smollm2-135m runs/quickstart/student runs/quickstart/gptq runs/quickstart/onnx-int4 --output runs/bench\n"
+        "  compress bench runs/quickstart/student --set bench.batch_sizes=[1] --set bench.repeats=3\n\n" + _keys_help("bench"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="model folder (float/GPTQ/bnb), ONNX folder, hub id or builtin:NAME; the first is the baseline of the ratios")
+    bench.add_argument("--output", default="runs/bench", help="report folder (default runs/bench)")
+    bench.add_argument("--label", dest="labels", action="append", metavar="NAME", help="row name per artifact, in order (default: folder names)")
+    bench.add_argument("--teacher", help="reference for KL and top-1 agreement (default: from the artifacts' compress.json lineage)")
+    bench.add_argument("--data", help="held-out text (default: the recipe's bench.eval, data.eval, or builtin:pydocs/eval)")
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch models run")
+    bench.add_argument("--threads", type=int, help="CPU threads")
+    bench.add_argument("--recipe", help="recipe whose bench (and data) sections to use")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. --set bench.repeats=3")
+    bench.add_argument("--fresh", action="store_true", help="measure everything again instead of reusing finished measurements")
+    bench.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -101,13 +139,49 @@ def _distill(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from compress.pipeline import check_chain, run_recipe, stage_outputs
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        check_chain(recipe, resume=True, source=args.recipe or "the recipe")
+        print(dump_recipe(recipe), end="")
+        print("# stages: " + ", ".join(f"{stage} -> {path}" for stage, path in stage_outputs(recipe).items()))
+        return 0
+    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, recipe_file=args.recipe)
+    if result.report:
+        print()
+        print(result.report)
+    for outcome in result.outcomes:
+        print(f"{outcome.stage:>8}: {outcome.artifact}" + (" (up to date, skipped)" if outcome.skipped else f" ({outcome.seconds:.0f} s)"))
+    return 0
+
+
+def _bench(args) -> int:
+    from compress.bench.stage import run_bench
+    from compress.recipe import BenchSpec
+
+    flags = {"eval": args.data, "device": args.device, "threads": args.threads}
+    overrides = [f"bench.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    recipe = load_recipe(args.recipe, overrides + args.overrides)
+    spec = recipe.bench or BenchSpec()
+    result = run_bench(
+        spec, args.artifacts, args.output, labels=args.labels, teacher=args.teacher,
+        eval_default=recipe.data.eval or recipe.data.train, text_field=recipe.data.text_field,
+        cache_dir=recipe.data.cache_dir and Path(recipe.data.cache_dir), fresh=args.fresh, progress=not args.no_progress,
+    )
+    print(result.markdown)
+    print(f"wrote {result.output / 'results.json'}, {result.output / 'report.md'}" + "".join(f", {result.output / p}" for p in result.results["plots"]))
+    return 0
+
+
 def _export(args) -> int:
     from compress_exporters.cli import run_export_cli
 
     return run_export_cli(args)
 
 
-COMMANDS = {"distill": _distill, "quantize": _quantize, "export": _export}
+COMMANDS = {"distill": _distill, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
 
 
 def main(argv: list[str] | None = None) -> int:

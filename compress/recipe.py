@@ -173,6 +173,41 @@ class BnbSpec(_QuantBase):
 QuantizeSpec = Annotated[Union[GPTQSpec, RTNSpec, BnbSpec], Field(discriminator="method")]
 
 
+class ExportSpec(Spec):
+    weights: Literal["fp32", "fp16", "int8", "int4"] = Field("int4", description="ONNX weight format; a GPTQ/RTN input exports with its own codes (int4 for 4-bit, int8 for 8-bit).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the ONNX model is validated and meant to run (cuda needs onnxruntime-gpu).")
+    accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 4.")
+    lm_head: Literal["float", "int8"] | None = Field(None, description="LM head precision of int4/int8 exports; null = int8.")
+    int8_method: Literal["nbits", "dynamic"] = Field("nbits", description="int8 from a float model: weight-only MatMulNBits, or ONNX Runtime's quantize_dynamic.")
+    exporter: Literal["dynamo", "legacy"] = Field("dynamo", description="torch.onnx exporter (legacy is faster to export, deprecated upstream).")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads during validation (null = its default).")
+
+
+class BenchSpec(Spec):
+    eval: str | None = Field(None, description="Held-out text for perplexity, KL and top-1 agreement (same forms as data.eval); null = the recipe's data.eval (or data.train).")
+    seq_len: int = Field(512, ge=8, description="Tokens per evaluation window; every model sees the same windows.")
+    max_eval_tokens: int = Field(16384, ge=8, description="Cap on evaluation tokens.")
+    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1, description="Prompt lengths whose prefill latency is timed (each <= seq_len).")
+    new_tokens: int = Field(128, ge=1, description="Tokens generated per decode-speed run.")
+    decode_prompt: int = Field(128, ge=1, description="Prompt length before the timed decode.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="Batch sizes of the decode-speed runs.")
+    repeats: int = Field(5, ge=1, description="Timed runs per measurement (median and p90 reported).")
+    warmup: int = Field(1, ge=0, description="Untimed runs before the timed ones.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where torch models run (ONNX on CPU, or CUDA with onnxruntime-gpu); auto = CUDA when available.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch and ONNX Runtime (null = all cores).")
+    speed: StrictBool = Field(True, description="Measure latency (prefill, decode) and peak memory.")
+    quality: StrictBool = Field(True, description="Measure perplexity (and KL / top-1 agreement when a teacher is known).")
+    plots: StrictBool = Field(True, description="Write PNG plots (needs matplotlib: pip install 'compress-llm[plots]').")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchSpec":
+        if any(n < 1 for n in self.prompt_lengths + self.batch_sizes):
+            raise ValueError("prompt_lengths and batch_sizes must be positive")
+        if max(self.prompt_lengths + [self.decode_prompt]) > self.seq_len:
+            raise ValueError(f"prompt lengths {self.prompt_lengths} and decode_prompt {self.decode_prompt} must be <= seq_len {self.seq_len} (prompts are cut from the eval windows)")
+        return self
+
+
 class Recipe(Spec):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name.")
     output_dir: str | None = Field(None, description="Run folder (relative to the working directory); default runs/<name>.")
@@ -182,6 +217,8 @@ class Recipe(Spec):
     data: DataSpec = Field(default_factory=DataSpec, description="Training and held-out text.")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation training.")
     quantize: QuantizeSpec | None = Field(None, description="Low-bit quantization (`method` picks the variant and its keys).")
+    export: ExportSpec | None = Field(None, description="ONNX export of the last model of the chain (`compress run`).")
+    bench: BenchSpec | None = Field(None, description="Benchmark of teacher, student and every later artifact (`compress run`, `compress bench`).")
 
     @property
     def run_dir(self) -> Path:
@@ -315,3 +352,19 @@ def describe_keys(model: type[Spec] = Recipe, prefix: str = "") -> list[tuple[st
             default = json.dumps(value)
         rows.append((path, _type_name(annotation), default, field.description or ""))
     return rows
+
+
+def keys_markdown() -> str:
+    """The README's recipe-key table (tests/test_readme.py checks the README carries exactly this)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for path, kind, default, description in describe_keys():
+        if kind == "section":
+            rows.append(f"| **`{path}`** | section | | {cell(description)} |")
+            continue
+        shown = default if default.startswith("required") else f"`{default}`"
+        rows.append(f"| `{path}` | {cell(kind).replace(chr(92) + '|', ' ' + chr(92) + '| ')} | {cell(shown)} | {cell(description)} |")
+    return "\n".join(rows)

@@ -433,15 +433,32 @@ def agreement_sums(
     for chunk in rows.split(chunk_size):
         z_s = _project(student_hidden[chunk], student_weight, student_bias)  # (c, V)
         z_t = _project(teacher_hidden[chunk], teacher_weight, teacher_bias)  # (c, V)
-        y = labels[chunk]
-        sums += torch.stack([
-            F.cross_entropy(z_s, y, reduction="sum"),
-            F.cross_entropy(z_t, y, reduction="sum"),
-            _kl(_log_probs(z_t, 1.0), _log_probs(z_s, 1.0)).sum(),
-            (z_s.argmax(-1) == z_t.argmax(-1)).sum().float(),
-        ]).double()
+        sums += _agreement_terms(z_s, z_t, labels[chunk])
     student_nll, teacher_nll, kl, agree = sums.tolist()
     return AgreementSums(rows.numel(), student_nll, teacher_nll, kl, int(agree))
+
+
+def _agreement_terms(z_s: Tensor, z_t: Tensor, y: Tensor) -> Tensor:
+    """(student NLL sum, teacher NLL sum, KL(p_T || p_S) sum, top-1 matches) for logits (c, V), labels (c,)."""
+    return torch.stack([
+        F.cross_entropy(z_s, y, reduction="sum"),
+        F.cross_entropy(z_t, y, reduction="sum"),
+        _kl(_log_probs(z_t, 1.0), _log_probs(z_s, 1.0)).sum(),
+        (z_s.argmax(-1) == z_t.argmax(-1)).sum().float(),
+    ]).double()
+
+
+@torch.no_grad()
+def agreement_from_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> AgreementSums:
+    """`agreement_sums` for models whose logits are all one has (an ONNX model, a quantized one):
+    student_logits and teacher_logits (N, V), labels (N,); every row counts."""
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}")
+    sums = torch.zeros(4, dtype=torch.float64, device=student_logits.device)
+    for z_s, z_t, y in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size), labels.split(chunk_size)):
+        sums += _agreement_terms(z_s.float(), z_t.float(), y)
+    student_nll, teacher_nll, kl, agree = sums.tolist()
+    return AgreementSums(labels.numel(), student_nll, teacher_nll, kl, int(agree))
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:

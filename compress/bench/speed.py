@@ -1,0 +1,144 @@
+"""Latency and memory of one artifact: prefill time per prompt length, greedy decode tokens/s per batch size,
+peak memory. Each artifact is measured in a fresh process (`measure_in_subprocess`), so its peak RSS is its
+own and no allocator, cache or thread pool warmed by another model flatters it.
+
+Warm-up runs are excluded; every timed run is kept in the result next to its median and p90. On CUDA each
+timing ends with a device synchronisation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+
+
+class SpeedMeasurementError(CompressError, RuntimeError):
+    pass
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _rss_mb(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def time_prefill(subject, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    subject.prefill(ids)
+    subject.sync()
+    return time.perf_counter() - start
+
+
+def time_decode(subject, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Seconds of each of `new_tokens` greedy steps after a (untimed) prefill of `ids` (B, T)."""
+    state = subject.prefill(ids)
+    subject.sync()
+    steps = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        state = subject.step(state)
+        subject.sync()
+        steps.append(time.perf_counter() - start)
+    return steps
+
+
+def measure_speed(subject, prompts: dict, spec: dict) -> dict:
+    """`prompts`: {"prefill": {length: [ids]}, "decode": [[ids] x max batch]}; `spec`: the BenchSpec as a dict."""
+    result: dict = {"prefill": {}, "decode": {}}
+    for length, ids in prompts["prefill"].items():
+        x = torch.tensor([ids], dtype=torch.long)
+        for _ in range(spec["warmup"]):
+            time_prefill(subject, x)
+        runs = [time_prefill(subject, x) for _ in range(spec["repeats"])]
+        result["prefill"][str(length)] = {"median_s": statistics.median(runs), "p90_s": percentile(runs, 90), "runs_s": runs}
+    warm_tokens = min(spec["new_tokens"], 16)  # warm-up decodes a few steps: kernels and allocator, not the timing
+    for batch in spec["batch_sizes"]:
+        x = torch.tensor(prompts["decode"][:batch], dtype=torch.long)
+        for _ in range(spec["warmup"]):
+            time_decode(subject, x, warm_tokens)
+        runs = [time_decode(subject, x, spec["new_tokens"]) for _ in range(spec["repeats"])]
+        rates = [batch * len(steps) / sum(steps) for steps in runs]
+        all_steps = [s for steps in runs for s in steps]
+        result["decode"][str(batch)] = {
+            "tokens_per_s_median": statistics.median(rates),
+            "tokens_per_s_runs": rates,
+            "step_ms_median": 1000 * statistics.median(all_steps),
+            "step_ms_p90": 1000 * percentile(all_steps, 90),
+            "new_tokens": spec["new_tokens"],
+            "prompt_tokens": x.shape[1],
+        }
+    return result
+
+
+def _worker(request: dict) -> dict:
+    """Runs in the child process: load, measure, report memory."""
+    from compress.bench.subjects import ArtifactInfo, open_subject
+
+    threads = request["spec"].get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(request["device"])
+    info = ArtifactInfo(**{**request["info"], "path": Path(request["info"]["path"]) if request["info"]["path"] else None})
+    base_rss = _rss_mb("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    subject = open_subject(info, device=device, threads=threads)
+    load_s = time.perf_counter() - start
+    result = measure_speed(subject, request["prompts"], request["spec"])
+    result.update(load_s=load_s, base_rss_mb=base_rss, peak_rss_mb=_rss_mb("VmHWM"), threads=threads or torch.get_num_threads())
+    if device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def measure_in_subprocess(info, prompts: dict, spec: dict, device: str) -> dict:
+    """`measure_speed` for one artifact in a fresh Python process; its errors come back as SpeedMeasurementError."""
+    info_dict = {"name": info.name, "label": info.label, "kind": info.kind, "path": str(info.path) if info.path else None, "sha256": info.sha256, "config": info.config, "record": None}
+    request = {"info": info_dict, "prompts": prompts, "spec": spec, "device": device}
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(request))
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        proc = subprocess.run([sys.executable, "-m", "compress.bench.speed", str(req), str(out)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise SpeedMeasurementError(f"speed measurement of {info.label} ({info.name}) failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="internal: measure one artifact's speed (used by compress bench)")
+    parser.add_argument("request")
+    parser.add_argument("output")
+    args = parser.parse_args(argv)
+    result = _worker(json.loads(Path(args.request).read_text()))
+    Path(args.output).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The bench stage: `run_bench(spec, artifacts, output)` measures every artifact on the same windows and
+prompts and writes results.json, report.md and plots into `output`.
+
+Each finished measurement (one artifact's quality, one artifact's speed) is stored at once in
+`output/.measurements.json` under a key made of the artifact's content hash and the settings that affect it,
+so an interrupted or extended run redoes only what is missing or changed (`fresh=True` redoes everything).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compress.artifacts import cpu_name, library_versions, write_json_atomic
+from compress.bench import report as report_md
+from compress.bench.quality import measure_quality
+from compress.bench.speed import measure_in_subprocess
+from compress.bench.subjects import BenchInputError, count_parameters, inspect_artifact, load_tokenizer, open_subject, teacher_from_lineage, weight_bytes
+from compress.data import packed_blocks
+from compress.recipe import BenchSpec
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+MEASUREMENTS_FILE = ".measurements.json"
+FORMAT_VERSION = 1
+SPEED_KEYS = ("prompt_lengths", "new_tokens", "decode_prompt", "batch_sizes", "repeats", "warmup", "threads")
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    output: Path
+    results: dict
+    markdown: str
+    measured: tuple[str, ...]  # "quality:LABEL" / "speed:LABEL" done in this call (the rest came from earlier runs)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _device(spec: BenchSpec) -> torch.device:
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise BenchInputError("bench.device is cuda but torch sees no CUDA device")
+    return torch.device("cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not (output / RESULTS_FILE).is_file() and not (output / MEASUREMENTS_FILE).is_file():
+        if not output.is_dir() or any(output.iterdir()):
+            raise BenchInputError(f"{output} exists and is not a compress bench folder; choose another --output")
+
+
+def _check_labels(labels: list[str]) -> None:
+    seen = {label for label in labels if labels.count(label) > 1}
+    if seen:
+        raise BenchInputError(f"two artifacts share the label(s) {sorted(seen)}; give distinct --label values")
+
+
+def _check_vocab(infos, tokenizer) -> None:
+    vocab = tokenizer.get_vocab()
+    for info in infos[1:]:
+        if load_tokenizer(info).get_vocab() != vocab:
+            raise BenchInputError(f"{info.label} ({info.name}) has a different vocabulary from {infos[0].label}: quality numbers would not be comparable")
+
+
+def machine_info(device: torch.device, threads: int | None) -> dict:
+    info = {"device": device.type, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads()}
+    with contextlib.suppress(OSError):
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = library_versions()
+    for name in ("onnxruntime", "onnxruntime-gpu", "bitsandbytes"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def run_bench(
+    spec: BenchSpec,
+    artifacts: list[str],
+    output: str | Path,
+    *,
+    labels: list[str] | None = None,
+    teacher: str | None = None,
+    eval_default: str = "builtin:pydocs/eval",
+    text_field: str = "text",
+    cache_dir: Path | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> BenchReport:
+    """Measure `artifacts` (names or folders, any kind) and write the report into `output`. The teacher for
+    KL/top-1 is `teacher`, else the one in the first artifact's lineage that has one, else none."""
+    from tqdm.auto import tqdm
+
+    if not artifacts:
+        raise BenchInputError("give at least one artifact to benchmark")
+    if labels is not None and len(labels) != len(artifacts):
+        raise BenchInputError(f"{len(labels)} labels for {len(artifacts)} artifacts")
+    output = Path(output)
+    _check_output(output)
+    if spec.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchInputError("plots need matplotlib: pip install 'compress-llm[plots]' (or set bench.plots=false)") from None
+    infos = [inspect_artifact(name, label) for name, label in zip(artifacts, labels or [None] * len(artifacts))]
+    _check_labels([i.label for i in infos])
+    if any(i.kind == "onnx" for i in infos):
+        from compress_exporters.runtime import _ort
+
+        _ort()  # a clear "install onnxruntime" before any measurement
+    teacher_name = teacher or next((t for t in map(teacher_from_lineage, infos) if t), None)
+    teacher_info = inspect_artifact(teacher_name, "teacher") if teacher_name and spec.quality else None
+    teacher_label = next((i.label for i in infos if teacher_info and i.sha256 == teacher_info.sha256), None)
+    device = _device(spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    tokenizer = load_tokenizer(infos[0])
+    _check_vocab(infos + ([teacher_info] if teacher_info else []), tokenizer)
+
+    eval_source = spec.eval or eval_default
+    windows = packed_blocks(eval_source, tokenizer, seq_len=spec.seq_len, text_field=text_field, max_tokens=spec.max_eval_tokens, cache_dir=cache_dir)
+    windows_hash = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    output.mkdir(parents=True, exist_ok=True)
+    store_path = output / MEASUREMENTS_FILE
+    store: dict = {} if fresh or not store_path.is_file() else json.loads(store_path.read_text())
+    measured: list[str] = []
+
+    def save(key: str, value: dict) -> None:
+        store[key] = value
+        write_json_atomic(store_path, store)
+
+    quality_keys = {i.label: _key("quality", i.sha256, teacher_info and teacher_info.sha256, windows_hash, spec.seq_len) for i in infos}
+    if spec.quality:
+        pending = [i for i in infos if quality_keys[i.label] not in store]
+        if pending:
+            log(f"quality: {', '.join(i.label for i in pending)} on {windows.numel():,} tokens of {eval_source}" + (f", against {teacher_name}" if teacher_info else ""))
+            subjects = {i.label: open_subject(i, device=device, threads=spec.threads) for i in pending}
+            reference = subjects.get(teacher_label) or (open_subject(teacher_info, device=device, threads=spec.threads) if teacher_info else None)
+            bar = tqdm(total=(len(windows) + 1) // 2, desc="quality", unit="batch", disable=not progress, dynamic_ncols=True)
+            quality = measure_quality(subjects, windows, teacher=reference, teacher_label=teacher_label, on_batch=lambda b, n: bar.update(1))
+            bar.close()
+            del subjects, reference
+            for label, value in quality.items():
+                save(quality_keys[label], value)
+                measured.append(f"quality:{label}")
+
+    prompts = {
+        "prefill": {n: windows[0, :n].tolist() for n in spec.prompt_lengths},
+        "decode": [windows[i % len(windows), : spec.decode_prompt].tolist() for i in range(max(spec.batch_sizes))],
+    }
+    speed_settings = {k: getattr(spec, k) for k in SPEED_KEYS}
+    speed_keys = {i.label: _key("speed", i.sha256, speed_settings, device.type, prompts) for i in infos}
+    if spec.speed:
+        pending = [i for i in infos if speed_keys[i.label] not in store]
+        for n, info in enumerate(pending, 1):
+            log(f"speed {n}/{len(pending)}: {info.label} ({info.kind}) in a fresh process: prefill {spec.prompt_lengths}, decode {spec.new_tokens} tokens at batch {spec.batch_sizes}, {spec.repeats} runs")
+            start = time.perf_counter()
+            value = measure_in_subprocess(info, prompts, spec.model_dump(mode="json"), device.type)
+            value["wall_s"] = time.perf_counter() - start
+            save(speed_keys[info.label], value)
+            measured.append(f"speed:{info.label}")
+
+    results = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(device, spec.threads),
+        "versions": _versions(),
+        "settings": {
+            **spec.model_dump(mode="json"),
+            "eval_data": eval_source,
+            "eval_windows": len(windows),
+            "eval_tokens": windows.numel(),
+            "teacher": teacher_name if teacher_info else None,
+        },
+        "artifacts": [
+            {
+                "label": i.label,
+                "name": i.name,
+                "path": str(i.path) if i.path else None,
+                "kind": i.kind,
+                "sha256": i.sha256,
+                "parameters": count_parameters(i.config),
+                "size_bytes": weight_bytes(i.path),
+                "quality": store.get(quality_keys[i.label]) if spec.quality else None,
+                "speed": store.get(speed_keys[i.label]) if spec.speed else None,
+            }
+            for i in infos
+        ],
+    }
+    results["plots"] = report_md.write_plots(results, output) if spec.plots else []
+    write_json_atomic(output / RESULTS_FILE, results)
+    markdown = report_md.render_markdown(results)
+    tmp = output / f".{REPORT_FILE}.tmp"
+    tmp.write_text(markdown)
+    os.replace(tmp, output / REPORT_FILE)
+    return BenchReport(output=output, results=results, markdown=markdown, measured=tuple(measured))

@@ -1,0 +1,201 @@
+"""What `compress bench` measures: any artifact, opened the same way whatever its kind.
+
+`inspect_artifact(name)` says what a folder (or `builtin:`/hub name) is without loading its weights;
+`open_subject(info, device=..., threads=...)` loads it and offers the three calls every measurement needs:
+`logits(ids)` for quality, `prefill(ids)` and `step(state)` for speed (greedy, with the KV cache).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import models
+from compress.artifacts import RECORD_FILE, hash_path
+from compress.errors import CompressError
+
+KINDS = ("float", "gptq", "bnb", "onnx")
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".bin", ".data")
+
+
+class BenchInputError(CompressError, ValueError):
+    """An artifact `compress bench` cannot measure (missing, unknown kind, different vocabulary)."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    name: str  # as the user gave it
+    label: str  # the row name in the report
+    kind: str  # one of KINDS
+    path: Path | None  # the local folder (None for a hub id not downloaded)
+    sha256: str  # content hash of the folder (hub ids: the id)
+    config: dict[str, Any] = field(repr=False)  # config.json
+    record: dict[str, Any] | None = field(default=None, repr=False)  # compress.json, when it is an artifact
+
+
+def inspect_artifact(name: str, label: str | None = None) -> ArtifactInfo:
+    """Kind, folder, content hash and config of `name`, loading no weights."""
+    source = models.resolve_source(name)  # a missing path or a folder without config.json fails here, by name
+    folder = Path(source) if Path(source).exists() else None
+    if folder is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name).to_dict()
+    else:
+        config = json.loads((folder / "config.json").read_text())
+    if folder is not None and (folder / "model.onnx").is_file():
+        kind = "onnx"
+    else:
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        kind = {None: "float", "gptq": "gptq", "bitsandbytes": "bnb"}.get(method)
+        if kind is None:
+            raise BenchInputError(f"{name}: quantization {method!r} is not one compress bench can load (float, gptq, bitsandbytes, onnx)")
+    record = None
+    if folder is not None and (folder / RECORD_FILE).is_file():
+        record = json.loads((folder / RECORD_FILE).read_text())
+    sha = hash_path(folder) if folder is not None else f"hub:{name}"
+    return ArtifactInfo(name=name, label=label or _default_label(name, folder), kind=kind, path=folder, sha256=sha, config=config, record=record)
+
+
+def _default_label(name: str, folder: Path | None) -> str:
+    if name.startswith("builtin:") or folder is None:
+        return name
+    return folder.name
+
+
+def teacher_from_lineage(info: ArtifactInfo, depth: int = 8) -> str | None:
+    """The teacher recorded in the artifact's lineage (compress.json inputs, followed upstream)."""
+    record = info.record
+    for _ in range(depth):
+        if not record:
+            return None
+        inputs = record.get("inputs", [])
+        teacher = next((i for i in inputs if i.get("role") == "teacher"), None)
+        if teacher:
+            return teacher.get("path") if teacher.get("source", "").startswith(("/", ".")) and teacher.get("path") else teacher.get("source")
+        upstream = next((i for i in inputs if i.get("role") == "model" and i.get("path")), None)
+        if upstream is None or not (Path(upstream["path"]) / RECORD_FILE).is_file():
+            return None
+        record = json.loads((Path(upstream["path"]) / RECORD_FILE).read_text())
+    return None
+
+
+def weight_bytes(folder: Path | None) -> int | None:
+    if folder is None:
+        return None
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def count_parameters(config: dict) -> int:
+    """Parameters of the model the config describes (the float architecture; tied weights counted once),
+    so a 4-bit or ONNX copy reports the same count as its float original."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer(info: ArtifactInfo):
+    return models.load_tokenizer(str(info.path) if info.path is not None else info.name)
+
+
+class TorchSubject:
+    """A float, GPTQ (our torch loader) or bitsandbytes model."""
+
+    def __init__(self, info: ArtifactInfo, device: torch.device):
+        self.device = device
+        self.model = models.load_quantized(info.path, device=device) if info.path is not None else models.load_model(info.name).to(device)
+        self.model.eval()
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V) float32 on CPU
+        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float().cpu()
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor):
+        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)  # next tokens (B, 1)
+
+    @torch.inference_mode()
+    def step(self, state):
+        cache, tokens = state
+        out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class OnnxSubject:
+    """An ONNX folder from `compress export`, run with ONNX Runtime through its conventional inputs."""
+
+    def __init__(self, info: ArtifactInfo, device: torch.device, threads: int | None):
+        from compress_exporters.runtime import create_session
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        self.session = create_session(info.path / "model.onnx", providers, threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
+        if "input_ids" not in inputs or not self.past:
+            raise BenchInputError(f"{info.path}: model.onnx lacks input_ids / past_key_values.* inputs of a KV-cache decoder")
+        self.outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past]
+        self.has_mask = "attention_mask" in inputs
+        self.has_positions = "position_ids" in inputs
+        self.past_layout = {n: (inputs[n].shape[1], inputs[n].shape[3], np.float16 if "float16" in inputs[n].type else np.float32) for n in self.past}
+
+    def _run(self, ids: np.ndarray, past: dict, past_len: int):
+        batch, seq = ids.shape
+        feeds = {"input_ids": ids, **past}
+        if self.has_mask:
+            feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
+        if self.has_positions:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+        logits, *present = self.session.run(self.outputs, feeds)
+        return logits, dict(zip(self.past, present))
+
+    def _empty_past(self, batch: int) -> dict:
+        return {n: np.zeros((batch, heads, 0, dim), dtype) for n, (heads, dim, dtype) in self.past_layout.items()}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        array = ids.numpy().astype(np.int64)
+        logits, _ = self._run(array, self._empty_past(len(array)), 0)
+        return torch.from_numpy(logits.astype(np.float32))
+
+    def prefill(self, ids: torch.Tensor):
+        array = ids.numpy().astype(np.int64)
+        logits, past = self._run(array, self._empty_past(len(array)), 0)
+        return past, array.shape[1], logits[:, -1:].argmax(-1).astype(np.int64)
+
+    def step(self, state):
+        past, length, tokens = state
+        logits, past = self._run(tokens, past, length)
+        return past, length + 1, logits[:, -1:].argmax(-1).astype(np.int64)
+
+    def sync(self) -> None:
+        pass  # session.run returns host arrays: the work is done when it returns
+
+
+def open_subject(info: ArtifactInfo, *, device: torch.device, threads: int | None = None):
+    if info.kind == "onnx":
+        return OnnxSubject(info, device, threads)
+    if info.kind == "bnb" and device.type == "cpu":
+        from compress.quantize.bnb import require_bnb
+
+        require_bnb()
+    return TorchSubject(info, device)
+
+
+def timed(fn, *args):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result

@@ -1,0 +1,264 @@
+"""`compress run`: one recipe from teacher to a benchmarked model. `run_recipe(recipe)` checks the whole chain
+before any compute, then runs distill -> quantize -> export -> bench (the sections the recipe has), each
+writing its artifact under the run folder, and composes the same stage functions the single commands call.
+
+`<run_dir>/run.json` records, per stage, a key over what the stage depends on (its recipe sections and the
+content hash of its input artifact) and the hash of what it wrote. On `--resume` a stage whose artifact is
+complete, unmodified and whose key is unchanged is skipped; an interrupted distillation continues from its
+last checkpoint; a stage whose inputs changed is redone, and so is everything after it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from compress.artifacts import RECORD_FILE, hash_path, write_json_atomic
+from compress.errors import CompressError
+from compress.recipe import BnbSpec, Recipe
+
+RUN_FILE = "run.json"
+STAGES = ("distill", "quantize", "export", "bench")
+
+
+class RunPlanError(CompressError, ValueError):
+    """The recipe's chain cannot finish; the message names the conflict and what to change."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    artifact: Path
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    report: str | None = None
+
+
+def stage_outputs(recipe: Recipe) -> dict[str, Path]:
+    """Where each of the recipe's stages writes, under the run folder."""
+    run = recipe.run_dir
+    outputs = {"distill": run / "student"}
+    q = recipe.quantize
+    if q is not None:
+        outputs["quantize"] = run / (q.method if isinstance(q, BnbSpec) else f"{q.method}-{q.bits}bit")
+    if recipe.export is not None:
+        outputs["export"] = run / f"onnx-{recipe.export.weights}"
+    if recipe.bench is not None:
+        outputs["bench"] = run / "bench"
+    return outputs
+
+
+def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, source: str = "the recipe") -> None:
+    """Refuse, before any compute, a recipe whose stages cannot all finish."""
+    problems = []
+    q, e = recipe.quantize, recipe.export
+    if q is not None and e is not None:
+        if isinstance(q, BnbSpec):
+            problems.append(
+                f"quantize.method {q.method} is followed by export: bitsandbytes layers do not export to ONNX. "
+                "Use quantize.method gptq (exported as int4/int8 MatMulNBits with its own weights), or drop quantize: "
+                "and export the float student with export.weights int4/int8, or drop export:"
+            )
+        else:
+            wanted = {4: "int4", 8: "int8"}.get(q.bits)
+            if wanted is None:
+                problems.append(f"quantize.bits {q.bits} cannot be exported: ONNX MatMulNBits carries 4- and 8-bit {q.method} weights; use bits 4 or 8, or drop export:")
+            elif e.weights != wanted:
+                problems.append(f"export.weights {e.weights} does not match quantize.bits {q.bits}: a {q.bits}-bit {q.method} model exports as {wanted} (its own codes, no re-rounding); set export.weights: {wanted}")
+            if q.group_size != -1 and q.group_size % 16:
+                problems.append(f"quantize.group_size {q.group_size} cannot be carried by MatMulNBits (blocks of 16/32/64/128 columns); use -1 or a multiple of 16")
+    if recipe.student.config and "vocab_size" in recipe.student.config:
+        problems.append("student.config.vocab_size: the student must keep the teacher's vocabulary (distillation compares distributions token by token)")
+    problems += _check_packages(recipe)
+    problems += _check_models(recipe)
+    if problems:
+        raise RunPlanError(f"{source} cannot run:\n  - " + "\n  - ".join(problems))
+    run = recipe.run_dir
+    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
+        raise RunPlanError(f"{run} already exists; pass --resume to continue it (finished stages with unchanged inputs are skipped) or --overwrite to start over")
+
+
+def _check_packages(recipe: Recipe) -> list[str]:
+    import torch
+
+    problems = []
+    devices = {"distill": recipe.distill.device, "quantize": recipe.quantize and recipe.quantize.device, "bench": recipe.bench and recipe.bench.device}
+    for stage, device in devices.items():
+        if device == "cuda" and not torch.cuda.is_available():
+            problems.append(f"{stage}.device is cuda but torch sees no CUDA device")
+    if isinstance(recipe.quantize, BnbSpec):
+        try:
+            from compress.quantize.bnb import require_bnb
+
+            require_bnb()
+        except CompressError as err:
+            problems.append(f"quantize.method {recipe.quantize.method}: {err}")
+    if recipe.export is not None:
+        try:
+            import onnxruntime
+        except ImportError:
+            problems.append("export: needs onnx and onnxruntime: pip install 'compress-llm[onnx]'")
+        else:
+            if recipe.export.device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                problems.append(f"export.device cuda needs onnxruntime-gpu; this onnxruntime offers {onnxruntime.get_available_providers()}")
+    if recipe.bench is not None and recipe.bench.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            problems.append("bench.plots needs matplotlib: pip install 'compress-llm[plots]' (or set bench.plots: false)")
+    return problems
+
+
+def _check_models(recipe: Recipe) -> list[str]:
+    """Architecture and vocabulary, from configs and tokenizers only (no weights loaded)."""
+    from compress import models
+    from compress.architectures import layer_layout
+
+    t = recipe.teacher
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(models.resolve_source(t.model), revision=t.revision, trust_remote_code=t.trust_remote_code)
+        layer_layout(config)
+    except CompressError as err:
+        return [f"teacher.model: {err}"]
+    except OSError as err:
+        return [f"teacher.model {t.model!r}: {err}"]
+    if recipe.student.model:
+        try:
+            teacher_vocab = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code).get_vocab()
+            if models.load_tokenizer(recipe.student.model, trust_remote_code=recipe.student.trust_remote_code).get_vocab() != teacher_vocab:
+                return [f"student.model {recipe.student.model} and teacher.model {t.model} have different vocabularies: distillation needs the same tokenizer"]
+        except CompressError as err:
+            return [f"student.model: {err}"]
+    return []
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(recipe: Recipe, stage: str, input_sha: str | None) -> str:
+    """What a stage's output depends on: its recipe sections and its input artifact's content."""
+    r = recipe.model_dump(mode="json")
+    sections = {
+        "distill": ("seed", "teacher", "student", "data", "distill"),
+        "quantize": ("seed", "data", "quantize"),
+        "export": ("export",),
+    }[stage]
+    return _key(stage, {s: r[s] for s in sections}, input_sha)
+
+
+class _RunState:
+    """`run.json`: per stage its key, status and the hash of what it wrote."""
+
+    def __init__(self, run_dir: Path, fresh: bool):
+        self.path = run_dir / RUN_FILE
+        self.data = {"stages": {}} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+
+    def is_done(self, stage: str, key: str, output: Path) -> bool:
+        entry = self.data["stages"].get(stage, {})
+        return (
+            entry.get("status") == "done" and entry.get("key") == key and (output / RECORD_FILE).is_file()
+            and entry.get("sha256") == hash_path(output)
+        )
+
+    def started_with(self, stage: str) -> str | None:
+        return self.data["stages"].get(stage, {}).get("key")
+
+    def mark(self, stage: str, key: str, status: str, output: Path, sha: str | None = None) -> None:
+        self.data["stages"][stage] = {"key": key, "status": status, "output": str(output), "sha256": sha, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json_atomic(self.path, self.data)
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True, recipe_file: str | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Check the chain, then run or skip each stage in order; returns what was done and the bench report."""
+    check_chain(recipe, resume=resume, overwrite=overwrite, source=recipe_file or "the recipe")
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    outputs = stage_outputs(recipe)
+    state = _RunState(run_dir, fresh=overwrite)
+    result = RunResult(run_dir)
+    upstream_changed = overwrite
+    input_sha: str | None = None
+    artifacts: list[tuple[str, str]] = [("teacher", recipe.teacher.model)]
+    for stage in STAGES:
+        if stage not in outputs:
+            continue
+        output = outputs[stage]
+        start = time.perf_counter()
+        if stage == "bench":
+            report = _bench(recipe, artifacts, output, fresh=overwrite, progress=progress, log=log)
+            result.report = report.markdown
+            result.outcomes.append(StageOutcome(stage, output, skipped=not report.measured, seconds=time.perf_counter() - start))
+            continue
+        key = stage_key(recipe, stage, input_sha)
+        if not upstream_changed and state.is_done(stage, key, output):
+            log(f"{stage}: {output} is up to date (same recipe sections and inputs): skipped")
+            skipped = True
+        else:
+            interrupted = state.started_with(stage) == key and not (output / RECORD_FILE).is_file()
+            redo = output.exists() or (state.started_with(stage) not in (None, key))
+            if redo and not upstream_changed:
+                log(f"{stage}: the recipe or the input changed since {output} was written: redoing it")
+            state.mark(stage, key, "running", output)
+            _run_stage(stage, recipe, input_sha, artifacts, output, resume=interrupted and not overwrite, progress=progress, recipe_file=recipe_file, log=log)
+            upstream_changed = True
+            skipped = False
+        input_sha = hash_path(output)
+        if not skipped:
+            state.mark(stage, key, "done", output, input_sha)
+        artifacts.append((_label(stage, recipe), str(output)))
+        result.outcomes.append(StageOutcome(stage, output, skipped, time.perf_counter() - start))
+    return result
+
+
+def _label(stage: str, recipe: Recipe) -> str:
+    if stage == "distill":
+        return "student"
+    if stage == "quantize":
+        q = recipe.quantize
+        return q.method if isinstance(q, BnbSpec) else f"{q.method}-{q.bits}bit"
+    return f"onnx-{recipe.export.weights}"
+
+
+def _run_stage(stage: str, recipe: Recipe, input_sha, artifacts, output: Path, *, resume: bool, progress: bool, recipe_file, log) -> None:
+    previous = artifacts[-1][1]
+    if stage == "distill":
+        from compress.distill.loop import run_distill
+
+        if resume:
+            log("distill: continuing from the last checkpoint of the interrupted run")
+        r = run_distill(recipe, resume=resume, overwrite=not resume, progress=progress, recipe_file=recipe_file)
+        ev = r.metrics["eval"]
+        log(f"distill: {r.artifact}: eval ppl {ev['student_ppl']:.2f} (teacher {ev['teacher_ppl']:.2f}), top-1 agreement {ev['top1_agreement']:.1%}")
+    elif stage == "quantize":
+        from compress.quantize.stage import describe, run_quantize
+
+        log(describe(run_quantize(recipe, previous, output, overwrite=True, progress=progress)))
+    elif stage == "export":
+        from compress_exporters.cli import describe
+        from compress_exporters.onnx import export_onnx
+
+        e = recipe.export
+        log(describe(export_onnx(previous, output, weights=e.weights, device=e.device, accuracy_level=e.accuracy_level, overwrite=True,
+                                 exporter=e.exporter, lm_head=e.lm_head, int8_method=e.int8_method, threads=e.threads)))
+
+
+def _bench(recipe: Recipe, artifacts, output: Path, *, fresh: bool, progress: bool, log):
+    from compress.bench.stage import run_bench
+
+    cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
+    return run_bench(
+        recipe.bench, [a for _, a in artifacts], output, labels=[label for label, _ in artifacts], teacher=recipe.teacher.model,
+        eval_default=recipe.data.eval or recipe.data.train, text_field=recipe.data.text_field, cache_dir=cache, fresh=fresh, progress=progress, log=log,
+    )

@@ -1,0 +1,169 @@
+"""`compress bench`: the same windows for every kind of artifact, numbers equal to direct formulas, resumable."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from compress.bench.report import pareto_front
+from compress.bench.stage import MEASUREMENTS_FILE, run_bench
+from compress.bench.subjects import BenchInputError, inspect_artifact, teacher_from_lineage
+from compress.data import packed_blocks
+from compress.recipe import BenchSpec
+from conftest import save_tiny
+
+SPEC = dict(seq_len=32, max_eval_tokens=320, prompt_lengths=[8, 24], new_tokens=4, decode_prompt=8, batch_sizes=[1, 2], repeats=2, warmup=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, tokenizer_dir, text_files):
+    """A trained tiny teacher, a different (weaker) student, the teacher's RTN 4-bit artifact and its fp32 ONNX export."""
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+    from compress_exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("bench-zoo")
+    teacher = save_tiny(root / "teacher", "llama", tokenizer_dir, layers=2, train_steps=40, hidden_size=64, intermediate_size=128)
+    student = save_tiny(root / "student", "llama", tokenizer_dir, layers=1, train_steps=10, seed=1, hidden_size=64, intermediate_size=128)
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(root / "cache")},
+        "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
+    })
+    rtn = run_quantize(recipe, str(teacher), root / "rtn4", progress=False).artifact
+    onnx_dir = export_onnx(teacher, root / "onnx-fp32", exporter="legacy").artifact
+    return {"teacher": teacher, "student": student, "rtn4": rtn, "onnx": onnx_dir, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def bench(zoo, text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "report"
+    names = [str(zoo[k]) for k in ("teacher", "student", "rtn4", "onnx")]
+    report = run_bench(BenchSpec(**SPEC), names, out, labels=["teacher", "student", "rtn4", "onnx"], teacher=str(zoo["teacher"]),
+                       eval_default=str(text_files["eval"]), cache_dir=zoo["cache"], progress=False, log=lambda _: None)
+    return report
+
+
+def _windows(zoo, text_files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zoo["teacher"])
+    return packed_blocks(str(text_files["eval"]), tok, seq_len=32, text_field="text", max_tokens=320, cache_dir=zoo["cache"])
+
+
+def test_quality_equals_direct_formulas(bench, zoo, text_files):
+    from transformers import AutoModelForCausalLM
+
+    rows = {a["label"]: a for a in bench.results["artifacts"]}
+    ids = _windows(zoo, text_files)
+    with torch.no_grad():
+        t = AutoModelForCausalLM.from_pretrained(zoo["teacher"]).eval()(input_ids=ids).logits[:, :-1].double()
+        s = AutoModelForCausalLM.from_pretrained(zoo["student"]).eval()(input_ids=ids).logits[:, :-1].double()
+    labels = ids[:, 1:]
+    log_t, log_s = t.log_softmax(-1), s.log_softmax(-1)
+    nll_s = -log_s.gather(-1, labels[..., None]).mean().item()
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+    top1 = (t.argmax(-1) == s.argmax(-1)).double().mean().item()
+    q = rows["student"]["quality"]
+    assert q["tokens"] == labels.numel() == 10 * 31
+    assert q["ppl"] == pytest.approx(math.exp(nll_s), rel=1e-5)
+    assert q["kl_per_token"] == pytest.approx(kl, rel=1e-4)
+    assert q["top1_agreement"] == pytest.approx(top1)
+    assert rows["teacher"]["quality"]["kl_per_token"] == 0 and rows["teacher"]["quality"]["top1_agreement"] == 1
+    # the ONNX export of the teacher is the teacher: same perplexity, no divergence
+    assert rows["onnx"]["quality"]["ppl"] == pytest.approx(rows["teacher"]["quality"]["ppl"], rel=1e-4)
+    assert rows["onnx"]["quality"]["kl_per_token"] < 1e-6 and rows["onnx"]["quality"]["top1_agreement"] == 1
+    # 4-bit RTN costs quality, but less than a different, weaker model
+    assert rows["teacher"]["quality"]["ppl"] < rows["rtn4"]["quality"]["ppl"] < rows["student"]["quality"]["ppl"]
+    assert 0 < rows["rtn4"]["quality"]["kl_per_token"] < q["kl_per_token"]
+
+
+def test_speed_cost_and_files(bench):
+    results = bench.results
+    for a in results["artifacts"]:
+        speed = a["speed"]
+        assert set(speed["prefill"]) == {"8", "24"} and set(speed["decode"]) == {"1", "2"}
+        for p in speed["prefill"].values():
+            assert len(p["runs_s"]) == 2 and 0 < p["median_s"] <= p["p90_s"] <= max(p["runs_s"])
+        for b, d in speed["decode"].items():
+            assert len(d["tokens_per_s_runs"]) == 2 and d["tokens_per_s_median"] > 0 and d["step_ms_p90"] >= d["step_ms_median"] > 0
+            assert d["new_tokens"] == 4 and d["prompt_tokens"] == 8
+        assert speed["peak_rss_mb"] >= speed["base_rss_mb"] > 0 and speed["threads"] == 1
+    rows = {a["label"]: a for a in results["artifacts"]}
+    assert rows["teacher"]["parameters"] == rows["rtn4"]["parameters"] == rows["onnx"]["parameters"] > rows["student"]["parameters"]
+    assert rows["rtn4"]["size_bytes"] < rows["teacher"]["size_bytes"]
+    assert [rows[k]["kind"] for k in ("teacher", "rtn4", "onnx")] == ["float", "gptq", "onnx"]
+    out = bench.output
+    assert json.loads((out / "results.json").read_text())["artifacts"][1]["label"] == "student"
+    report = (out / "report.md").read_text()
+    assert all(f"`{label}`" in report for label in rows) and "KL/token" in report and "decode b2 (tok/s)" in report
+    for png in ("quality_vs_size.png", "quality_vs_speed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.results["settings"]["eval_tokens"] == 320 and bench.results["machine"]["cpu_count"] >= 1
+
+
+def test_rerun_reuses_finished_measurements(bench, zoo, text_files):
+    kwargs = dict(teacher=str(zoo["teacher"]), eval_default=str(text_files["eval"]), cache_dir=zoo["cache"], progress=False, log=lambda _: None)
+    again = run_bench(BenchSpec(**SPEC), [str(zoo["teacher"]), str(zoo["rtn4"])], bench.output, labels=["teacher", "rtn4"], **kwargs)
+    assert again.measured == ()
+    assert again.results["artifacts"][1]["quality"] == bench.results["artifacts"][2]["quality"]
+    # a changed speed setting remeasures speed only; quality is still valid
+    changed = run_bench(BenchSpec(**{**SPEC, "new_tokens": 3, "batch_sizes": [1]}), [str(zoo["rtn4"])], bench.output, labels=["rtn4"], **kwargs)
+    assert changed.measured == ("speed:rtn4",)
+    assert len(json.loads((bench.output / MEASUREMENTS_FILE).read_text())) == 9  # 4 quality + 4 speed + 1
+
+
+def test_bad_inputs_are_named(tmp_path, zoo, tokenizer_dir, text_files):
+    from compress.models import ModelSourceError
+
+    spec = BenchSpec(**SPEC)
+    with pytest.raises(ModelSourceError, match="no/such/model"):
+        run_bench(spec, [str(tmp_path / "no/such/model")], tmp_path / "out", eval_default=str(text_files["eval"]), log=lambda _: None)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(BenchInputError, match="not a compress bench folder"):
+        run_bench(spec, [str(zoo["teacher"])], tmp_path / "taken", eval_default=str(text_files["eval"]), log=lambda _: None)
+    with pytest.raises(BenchInputError, match="share the label"):
+        run_bench(spec, [str(zoo["teacher"]), str(zoo["student"])], tmp_path / "out", labels=["a", "a"], eval_default=str(text_files["eval"]), log=lambda _: None)
+    from transformers import AutoTokenizer
+
+    other = save_tiny(tmp_path / "other-vocab", "llama", tokenizer_dir, layers=1, vocab=400)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(BenchInputError, match="different vocabulary"):
+        run_bench(spec, [str(zoo["teacher"]), str(other)], tmp_path / "out", eval_default=str(text_files["eval"]), log=lambda _: None)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_teacher_is_found_through_the_lineage(zoo):
+    rtn = inspect_artifact(str(zoo["rtn4"]))
+    assert rtn.kind == "gptq"
+    assert teacher_from_lineage(rtn) is None  # a quantized float model that was never distilled has no teacher
+    record = json.loads((zoo["rtn4"] / "compress.json").read_text())
+    assert record["inputs"][0]["role"] == "model"
+
+
+def test_pareto_front():
+    points = [(1.0, 10.0), (2.0, 8.0), (3.0, 9.0), (4.0, 5.0)]
+    assert pareto_front(points, larger_x_better=False) == [0, 1, 3]
+    assert pareto_front(points, larger_x_better=True) == [3]
+
+
+def test_spec_refuses_prompts_longer_than_windows():
+    with pytest.raises(ValueError, match="seq_len"):
+        BenchSpec(seq_len=64, prompt_lengths=[128])
+
+
+def test_cli_bench_reuses_measurements_and_prints_the_table(bench, zoo, text_files, capsys):
+    from compress.cli import main
+
+    argv = ["bench", str(zoo["teacher"]), str(zoo["onnx"]), "--output", str(bench.output), "--teacher", str(zoo["teacher"]), "--data", str(text_files["eval"]), "--no-progress"]
+    for key, value in SPEC.items():
+        argv += ["--set", f"bench.{key}={json.dumps(value)}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| `teacher` | float |" in out and "| `onnx-fp32` | onnx |" in out and "results.json" in out
+    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # a model folder is not a report folder
+    assert "not a compress bench folder" in capsys.readouterr().err

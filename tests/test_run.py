@@ -1,0 +1,126 @@
+"""`compress run`: the chain is checked before any compute; stages run in order, are skipped when up to date,
+redone (with everything after them) when their inputs change, and an interrupted distillation resumes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compress.cli import main
+from compress.pipeline import RUN_FILE, RunPlanError, check_chain, run_recipe
+from compress.recipe import validate_recipe
+from conftest import save_tiny, tiny_recipe
+
+BENCH = {"seq_len": 32, "max_eval_tokens": 128, "prompt_lengths": [16], "new_tokens": 3, "decode_prompt": 8, "batch_sizes": [1], "repeats": 1, "warmup": 1, "threads": 1}
+
+
+def full_recipe(tmp_path, teacher, text_files, **sections) -> dict:
+    data = tiny_recipe(tmp_path, teacher, text_files)
+    data["quantize"] = {"method": "gptq", "bits": 4, "group_size": 32, "calib": {"samples": 8, "seq_len": 32}}
+    data["export"] = {"weights": "int4", "exporter": "legacy"}
+    data["bench"] = dict(BENCH)
+    data.update(sections)
+    return data
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"quantize": {"method": "bnb-nf4"}}, "bitsandbytes layers do not export"),
+        ({"quantize": {"method": "gptq", "bits": 3}}, "quantize.bits 3 cannot be exported"),
+        ({"export": {"weights": "int8", "exporter": "legacy"}}, "export.weights int8 does not match quantize.bits 4"),
+        ({"quantize": {"method": "rtn", "bits": 4, "group_size": 24}}, "quantize.group_size 24 cannot be carried"),
+        ({"student": {"config": {"vocab_size": 500}}}, "student.config.vocab_size"),
+    ],
+)
+def test_chain_conflicts_are_refused_before_compute(tmp_path, teachers, text_files, change, message):
+    recipe = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files, **change))
+    with pytest.raises(RunPlanError, match=message):
+        run_recipe(recipe, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocabulary_mismatch_and_existing_run_dir(tmp_path, teachers, text_files, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    other = save_tiny(tmp_path / "other", "llama", tokenizer_dir, layers=1)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<new>"])
+    tok.save_pretrained(other)
+    data = full_recipe(tmp_path, teachers["llama"], text_files, student={"model": str(other)})
+    with pytest.raises(RunPlanError, match="different vocabularies"):
+        check_chain(validate_recipe(data))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something").write_text("x")
+    with pytest.raises(RunPlanError, match="already exists; pass --resume"):
+        check_chain(validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files)))
+
+
+def test_run_skip_and_redo(tmp_path, teachers, text_files, capsys):
+    lines: list[str] = []
+    recipe = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files))
+    first = run_recipe(recipe, progress=False, log=lines.append)
+    run = tmp_path / "run"
+    assert [(o.stage, o.skipped) for o in first.outcomes] == [("distill", False), ("quantize", False), ("export", False), ("bench", False)]
+    assert [o.artifact.name for o in first.outcomes] == ["student", "gptq-4bit", "onnx-int4", "bench"]
+    results = json.loads((run / "bench" / "results.json").read_text())
+    assert [a["label"] for a in results["artifacts"]] == ["teacher", "student", "gptq-4bit", "onnx-int4"]
+    assert [a["kind"] for a in results["artifacts"]] == ["float", "float", "gptq", "onnx"]
+    q = {a["label"]: a["quality"] for a in results["artifacts"]}
+    assert q["teacher"]["kl_per_token"] == 0
+    # the int4 ONNX model carries the GPTQ weights: it matches the GPTQ model far better than the student matches the teacher
+    assert abs(q["onnx-int4"]["ppl"] / q["gptq-4bit"]["ppl"] - 1) < 0.05
+    assert "| `onnx-int4` | onnx |" in first.report
+    state = json.loads((run / RUN_FILE).read_text())["stages"]
+    assert {s: v["status"] for s, v in state.items()} == {"distill": "done", "quantize": "done", "export": "done"}
+
+    lines.clear()
+    again = run_recipe(recipe, resume=True, progress=False, log=lines.append)
+    assert [o.skipped for o in again.outcomes] == [True, True, True, True]
+    assert sum("up to date" in line for line in lines) == 3
+
+    # a changed quantize section redoes quantize and export, not distill; bench measures only the new artifacts
+    changed = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files, quantize={"method": "gptq", "bits": 4, "group_size": 16, "calib": {"samples": 8, "seq_len": 32}}))
+    student_sha = state["distill"]["sha256"]
+    third = run_recipe(changed, resume=True, progress=False, log=lines.append)
+    assert [(o.stage, o.skipped) for o in third.outcomes] == [("distill", True), ("quantize", False), ("export", False), ("bench", False)]
+    assert json.loads((run / "gptq-4bit" / "config.json").read_text())["quantization_config"]["group_size"] == 16
+    assert json.loads((run / RUN_FILE).read_text())["stages"]["distill"]["sha256"] == student_sha
+
+
+def test_interrupted_distillation_resumes(tmp_path, teachers, text_files, monkeypatch):
+    import compress.distill.loop as loop
+
+    data = full_recipe(tmp_path, teachers["llama"], text_files)
+    for key in ("quantize", "export", "bench"):
+        data.pop(key)
+    recipe = validate_recipe(data)
+    real = loop.run_distill
+    calls = []
+
+    def interrupted(recipe, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(recipe, **kwargs)
+
+    monkeypatch.setattr(loop, "run_distill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, progress=False, log=lambda _: None)
+    assert not calls[0]["resume"]
+    result = run_recipe(recipe, resume=True, progress=False, log=lambda _: None)
+    assert calls[1]["resume"] and not calls[1]["overwrite"]
+    assert (result.outcomes[0].artifact / "compress.json").is_file()
+
+
+def test_cli_run_dry_run_and_errors(tmp_path, teachers, text_files, capsys):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(full_recipe(tmp_path, teachers["llama"], text_files)))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# stages: distill ->" in out and "onnx-int4" in out
+    assert main(["run", str(path), "--set", "quantize.bits=3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "quantize.bits 3 cannot be exported" in err
