@@ -43,6 +43,11 @@ def hash_path(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def settings_key(*parts: Any) -> str:
+    """sha256 of JSON-able parts (settings, content hashes): the identity of a measurement or a stage's work."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def describe_input(role: str, source: str, local_path: str | Path | None = None) -> dict[str, Any]:
     """One lineage entry. Hub models are recorded by id; local ones by path and content hash."""
     entry: dict[str, Any] = {"role": role, "source": source}

@@ -9,14 +9,13 @@ last checkpoint; a stage whose inputs changed is redone, and so is everything af
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from compress.artifacts import RECORD_FILE, hash_path, write_json_atomic
+from compress.artifacts import RECORD_FILE, hash_path, settings_key, write_json_atomic
 from compress.errors import CompressError
 from compress.recipe import BnbSpec, Recipe
 
@@ -143,9 +142,6 @@ def _check_models(recipe: Recipe) -> list[str]:
     return []
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
 
 def stage_key(recipe: Recipe, stage: str, input_sha: str | None) -> str:
     """What a stage's output depends on: its recipe sections and its input artifact's content."""
@@ -155,7 +151,7 @@ def stage_key(recipe: Recipe, stage: str, input_sha: str | None) -> str:
         "quantize": ("seed", "data", "quantize"),
         "export": ("export",),
     }[stage]
-    return _key(stage, {s: r[s] for s in sections}, input_sha)
+    return settings_key(stage, {s: r[s] for s in sections}, input_sha)
 
 
 class _RunState:

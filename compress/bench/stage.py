@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from compress.artifacts import cpu_name, library_versions, write_json_atomic
+from compress.artifacts import cpu_name, library_versions, settings_key, write_json_atomic
 from compress.bench import report as report_md
 from compress.bench.quality import measure_quality
 from compress.bench.speed import measure_in_subprocess
@@ -40,9 +40,6 @@ class BenchReport:
     markdown: str
     measured: tuple[str, ...]  # "quality:LABEL" / "speed:LABEL" done in this call (the rest came from earlier runs)
 
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _device(spec: BenchSpec) -> torch.device:
@@ -145,7 +142,7 @@ def run_bench(
         store[key] = value
         write_json_atomic(store_path, store)
 
-    quality_keys = {i.label: _key("quality", i.sha256, teacher_info and teacher_info.sha256, windows_hash, spec.seq_len) for i in infos}
+    quality_keys = {i.label: settings_key("quality", i.sha256, teacher_info and teacher_info.sha256, windows_hash, spec.seq_len) for i in infos}
     if spec.quality:
         pending = [i for i in infos if quality_keys[i.label] not in store]
         if pending:
@@ -165,7 +162,7 @@ def run_bench(
         "decode": [windows[i % len(windows), : spec.decode_prompt].tolist() for i in range(max(spec.batch_sizes))],
     }
     speed_settings = {k: getattr(spec, k) for k in SPEED_KEYS}
-    speed_keys = {i.label: _key("speed", i.sha256, speed_settings, device.type, prompts) for i in infos}
+    speed_keys = {i.label: settings_key("speed", i.sha256, speed_settings, device.type, prompts) for i in infos}
     if spec.speed:
         pending = [i for i in infos if speed_keys[i.label] not in store]
         for n, info in enumerate(pending, 1):
