@@ -86,6 +86,10 @@ def test_run_skip_and_redo(tmp_path, teachers, text_files, capsys):
     assert [(o.stage, o.skipped) for o in third.outcomes] == [("distill", True), ("quantize", False), ("export", False), ("bench", False)]
     assert json.loads((run / "gptq-4bit" / "config.json").read_text())["quantization_config"]["group_size"] == 16
     assert json.loads((run / RUN_FILE).read_text())["stages"]["distill"]["sha256"] == student_sha
+    # `compress bench` finds the teacher through the lineage: onnx -> gptq -> student -> teacher
+    from compress.bench.subjects import inspect_artifact, teacher_from_lineage
+
+    assert teacher_from_lineage(inspect_artifact(str(run / "onnx-int4"))) == str(teachers["llama"].resolve())
 
 
 def test_interrupted_distillation_resumes(tmp_path, teachers, text_files, monkeypatch):

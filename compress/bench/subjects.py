@@ -77,7 +77,10 @@ def teacher_from_lineage(info: ArtifactInfo, depth: int = 8) -> str | None:
         inputs = record.get("inputs", [])
         teacher = next((i for i in inputs if i.get("role") == "teacher"), None)
         if teacher:
-            return teacher.get("path") if teacher.get("source", "").startswith(("/", ".")) and teacher.get("path") else teacher.get("source")
+            source, path = teacher.get("source", ""), teacher.get("path")
+            # builtin names read better than their cache folder; a local teacher by its absolute path (the
+            # recorded source may be relative to another working directory)
+            return path if path and not source.startswith("builtin:") and Path(path).exists() else source
         upstream = next((i for i in inputs if i.get("role") == "model" and i.get("path")), None)
         if upstream is None or not (Path(upstream["path"]) / RECORD_FILE).is_file():
             return None
