@@ -10,6 +10,7 @@ last checkpoint; a stage whose inputs changed is redone, and so is everything af
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ def stage_outputs(recipe: Recipe) -> dict[str, Path]:
 def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, source: str = "the recipe") -> None:
     """Refuse, before any compute, a recipe whose stages cannot all finish."""
     problems = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("compress run is single-process; distil on several GPUs with `accelerate launch -m compress.cli distill RECIPE`, then `compress run RECIPE --resume` skips the finished distillation")
     q, e = recipe.quantize, recipe.export
     if q is not None and e is not None:
         if isinstance(q, BnbSpec):

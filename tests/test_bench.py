@@ -90,6 +90,7 @@ def test_speed_cost_and_files(bench):
             assert len(d["tokens_per_s_runs"]) == 2 and d["tokens_per_s_median"] > 0 and d["step_ms_p90"] >= d["step_ms_median"] > 0
             assert d["new_tokens"] == 4 and d["prompt_tokens"] == 8
         assert speed["peak_rss_mb"] >= speed["base_rss_mb"] > 0 and speed["threads"] == 1
+        assert speed["runs_on"] == ("CPUExecutionProvider" if a["kind"] == "onnx" else "cpu")
     rows = {a["label"]: a for a in results["artifacts"]}
     assert rows["teacher"]["parameters"] == rows["rtn4"]["parameters"] == rows["onnx"]["parameters"] > rows["student"]["parameters"]
     assert rows["rtn4"]["size_bytes"] < rows["teacher"]["size_bytes"]

@@ -40,6 +40,12 @@ def test_chain_conflicts_are_refused_before_compute(tmp_path, teachers, text_fil
     assert not (tmp_path / "run").exists()
 
 
+def test_multi_process_launch_is_refused(tmp_path, teachers, text_files, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunPlanError, match="single-process"):
+        check_chain(validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files)))
+
+
 def test_vocabulary_mismatch_and_existing_run_dir(tmp_path, teachers, text_files, tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -109,7 +109,7 @@ def _worker(request: dict) -> dict:
     subject = open_subject(info, device=device, threads=threads)
     load_s = time.perf_counter() - start
     result = measure_speed(subject, request["prompts"], request["spec"])
-    result.update(load_s=load_s, base_rss_mb=base_rss, peak_rss_mb=_rss_mb("VmHWM"), threads=threads or torch.get_num_threads())
+    result.update(load_s=load_s, base_rss_mb=base_rss, peak_rss_mb=_rss_mb("VmHWM"), threads=threads or torch.get_num_threads(), runs_on=getattr(subject, "provider", device.type))
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result

@@ -144,8 +144,14 @@ class OnnxSubject:
     def __init__(self, info: ArtifactInfo, device: torch.device, threads: int | None):
         from compress_exporters.runtime import create_session
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        from compress_exporters.runtime import _ort
+
+        # on a CUDA bench the ONNX model runs on CUDA when onnxruntime-gpu is installed, else on the CPU;
+        # the provider is recorded next to its numbers either way
+        cuda = device.type == "cuda" and "CUDAExecutionProvider" in _ort().get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = create_session(info.path / "model.onnx", providers, threads)
+        self.provider = providers[0]
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
         if "input_ids" not in inputs or not self.past:
