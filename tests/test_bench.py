@@ -168,3 +168,18 @@ def test_cli_bench_reuses_measurements_and_prints_the_table(bench, zoo, text_fil
     assert "| `teacher` | float |" in out and "| `onnx-fp32` | onnx |" in out and "results.json" in out
     assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # a model folder is not a report folder
     assert "not a compress bench folder" in capsys.readouterr().err
+
+
+def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path, zoo, text_files):
+    import shutil
+
+    from compress.bench.speed import SpeedMeasurementError
+
+    broken = tmp_path / "broken-onnx"
+    shutil.copytree(zoo["onnx"], broken)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    spec = BenchSpec(**{**SPEC, "quality": False, "batch_sizes": [1], "repeats": 1})
+    out = tmp_path / "out"
+    with pytest.raises(SpeedMeasurementError, match="broken-onnx"):
+        run_bench(spec, [str(zoo["student"]), str(broken)], out, eval_default=str(text_files["eval"]), progress=False, log=lambda _: None)
+    assert len(json.loads((out / MEASUREMENTS_FILE).read_text())) == 1  # the student's speed is kept for the rerun

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,8 +66,9 @@ def time_decode(subject, ids: torch.Tensor, new_tokens: int) -> list[float]:
     return steps
 
 
-def measure_speed(subject, prompts: dict, spec: dict) -> dict:
-    """`prompts`: {"prefill": {length: [ids]}, "decode": [[ids] x max batch]}; `spec`: the BenchSpec as a dict."""
+def measure_speed(subject, prompts: dict, spec: dict, on_done: Callable[[str], None] = lambda _: None) -> dict:
+    """`prompts`: {"prefill": {length: [ids]}, "decode": [[ids] x max batch]}; `spec`: the BenchSpec as a dict.
+    `on_done(summary)` after each measurement (progress)."""
     result: dict = {"prefill": {}, "decode": {}}
     for length, ids in prompts["prefill"].items():
         x = torch.tensor([ids], dtype=torch.long)
@@ -74,6 +76,7 @@ def measure_speed(subject, prompts: dict, spec: dict) -> dict:
             time_prefill(subject, x)
         runs = [time_prefill(subject, x) for _ in range(spec["repeats"])]
         result["prefill"][str(length)] = {"median_s": statistics.median(runs), "p90_s": percentile(runs, 90), "runs_s": runs}
+        on_done(f"prefill {length} tokens: {1000 * statistics.median(runs):.0f} ms")
     warm_tokens = min(spec["new_tokens"], 16)  # warm-up decodes a few steps: kernels and allocator, not the timing
     for batch in spec["batch_sizes"]:
         x = torch.tensor(prompts["decode"][:batch], dtype=torch.long)
@@ -90,6 +93,7 @@ def measure_speed(subject, prompts: dict, spec: dict) -> dict:
             "new_tokens": spec["new_tokens"],
             "prompt_tokens": x.shape[1],
         }
+        on_done(f"decode batch {batch}: {statistics.median(rates):.1f} tokens/s")
     return result
 
 
@@ -108,24 +112,31 @@ def _worker(request: dict) -> dict:
     start = time.perf_counter()
     subject = open_subject(info, device=device, threads=threads)
     load_s = time.perf_counter() - start
-    result = measure_speed(subject, request["prompts"], request["spec"])
+    print(f"loaded in {load_s:.1f} s", flush=True)
+    result = measure_speed(subject, request["prompts"], request["spec"], on_done=lambda line: print(line, flush=True))
     result.update(load_s=load_s, base_rss_mb=base_rss, peak_rss_mb=_rss_mb("VmHWM"), threads=threads or torch.get_num_threads(), runs_on=getattr(subject, "provider", device.type))
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
-def measure_in_subprocess(info, prompts: dict, spec: dict, device: str) -> dict:
-    """`measure_speed` for one artifact in a fresh Python process; its errors come back as SpeedMeasurementError."""
+def measure_in_subprocess(info, prompts: dict, spec: dict, device: str, on_line: Callable[[str], None] = lambda _: None) -> dict:
+    """`measure_speed` for one artifact in a fresh Python process; its errors come back as SpeedMeasurementError.
+    The child's progress lines (stdout) go to `on_line` as they come."""
     info_dict = {"name": info.name, "label": info.label, "kind": info.kind, "path": str(info.path) if info.path else None, "sha256": info.sha256, "config": info.config, "record": None}
     request = {"info": info_dict, "prompts": prompts, "spec": spec, "device": device}
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        proc = subprocess.run([sys.executable, "-m", "compress.bench.speed", str(req), str(out)], env=env, capture_output=True, text=True)
+        err = Path(tmp) / "stderr.txt"
+        with err.open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "compress.bench.speed", str(req), str(out)], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            for line in proc.stdout:
+                on_line(line.rstrip())
+            proc.wait()
         if proc.returncode != 0 or not out.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            tail = "\n".join(err.read_text().strip().splitlines()[-15:])
             raise SpeedMeasurementError(f"speed measurement of {info.label} ({info.name}) failed (exit {proc.returncode}):\n{tail}")
         return json.loads(out.read_text())
 

@@ -168,7 +168,7 @@ def run_bench(
         for n, info in enumerate(pending, 1):
             log(f"speed {n}/{len(pending)}: {info.label} ({info.kind}) in a fresh process: prefill {spec.prompt_lengths}, decode {spec.new_tokens} tokens at batch {spec.batch_sizes}, {spec.repeats} runs")
             start = time.perf_counter()
-            value = measure_in_subprocess(info, prompts, spec.model_dump(mode="json"), device.type)
+            value = measure_in_subprocess(info, prompts, spec.model_dump(mode="json"), device.type, on_line=(lambda line: log(f"  {info.label}: {line}")) if progress else (lambda _: None))
             value["wall_s"] = time.perf_counter() - start
             save(speed_keys[info.label], value)
             measured.append(f"speed:{info.label}")
