@@ -181,7 +181,9 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
             scales[g], zeros[g] = _group_params(W[:, g * size : (g + 1) * size], grid, scale_search, None)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W = W[:, perm]
+    # Transposed working copy: column j of W is the contiguous row Wt[j], so the column loop
+    # below reads and updates contiguous memory.
+    Wt = W[:, perm].T.contiguous()  # (cols, rows)
     H = H[perm][:, perm]
     # Group of each column in the visiting order: consecutive in that order, or for static groups
     # the group its original column belongs to.
@@ -189,7 +191,7 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
 
     Hinv = _inverse_cholesky(H, damp)  # (cols, cols) upper triangular
     d_all = Hinv.diagonal()  # (cols,)
-    codes = torch.empty(rows, cols, device=W.device)
+    codes_t = torch.empty(cols, rows, device=W.device)
     row_loss = torch.zeros(rows, device=W.device)
     g_list = g_perm.tolist()
     i1 = 0
@@ -197,27 +199,30 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
         i2 = min(i1 + block_size, cols, (i1 // size + 1) * size)
         if not static and i1 % size == 0:
             # Every update from the columns before i1 has been applied to W[:, i1:] at this point.
-            scales[g_list[i1]], zeros[g_list[i1]] = _group_params(W[:, i1 : i1 + size], grid, scale_search, d_all[i1 : i1 + size])
-        W1 = W[:, i1:i2].clone()  # (rows, count)
-        Err1 = torch.empty_like(W1)  # (rows, count)
+            scales[g_list[i1]], zeros[g_list[i1]] = _group_params(Wt[i1 : i1 + size].T, grid, scale_search, d_all[i1 : i1 + size])
+        W1 = Wt[i1:i2].clone()  # (count, rows)
+        Err1 = torch.empty_like(W1)  # (count, rows)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
-        # A block lies inside one group (static groups aside): its scale and zero as columns.
+        # A block lies inside one group (static groups aside). In the loop, t = q - zero: with an
+        # integer zero, clamp(round(w/s) + z, 0, maxq) - z == clamp(round(w/s), -z, maxq - z), and
+        # the dequantized value is s * t; zero is added back to the codes after the loop.
         g = g_list[i1]
-        scale, zero = scales[g], zeros[g]  # (rows,)
+        scale, lo, hi = scales[g], -zeros[g], maxq - zeros[g]  # (rows,)
         for i in range(i2 - i1):
             if static:
                 g = g_list[i1 + i]
-                scale, zero = scales[g], zeros[g]
-            w = W1[:, i]  # (rows,)
-            q = quantize(w, scale, zero, maxq)
-            codes[:, i1 + i] = q
-            err = Err1[:, i]
-            torch.sub(w, dequantize(q, scale, zero), out=err).div_(Hinv1[i, i])  # (rows,)
-            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
-        row_loss += Err1.square().sum(dim=1) / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+                scale, lo, hi = scales[g], -zeros[g], maxq - zeros[g]
+            w = W1[i]  # (rows,) column i1 + i
+            t = torch.div(w, scale).round_().clamp_(lo, hi)
+            codes_t[i1 + i] = t
+            err = Err1[i]
+            torch.addcmul(w, t, scale, value=-1, out=err).div_(Hinv1[i, i])  # (rows,) (w - q) / d
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+        row_loss += Err1.square().sum(dim=0) / 2
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         i1 = i2
 
+    codes = codes_t.T + zeros[g_perm].T  # (rows, cols): t + zero
     invperm = torch.argsort(perm)
     codes = codes[:, invperm].to(torch.int32)
     g_idx = g_perm[invperm].to(torch.int32)  # g_idx[perm[j]] = g_perm[j]
