@@ -191,6 +191,16 @@ def test_accumulate_hessian_in_batches():
         accumulate_hessian(H, n, torch.randn(4, 23))
 
 
+def test_accumulate_hessian_wide_inputs_use_symmetry():
+    # From 1024 columns on only the upper blocks are computed and the off-diagonal one mirrored.
+    X = correlated_inputs(600, 1030)
+    H, n = accumulate_hessian(None, 0, X[:250])
+    H, n = accumulate_hessian(H, n, X[250:])
+    assert n == 600 and torch.equal(H[515:, :515], H[:515, 515:].T)
+    want = 2 / 600 * (X.double().T @ X.double())
+    torch.testing.assert_close(H.double(), want, rtol=1e-4, atol=1e-5 * float(want.diagonal().mean()))
+
+
 def group_error(W, scale, zero, grid, norm=2.0, weights=None):
     Q = dequantize(quantize(W, scale[:, None], zero[:, None], grid.maxq), scale[:, None], zero[:, None])
     err = (Q - W).abs().pow(norm)

@@ -43,27 +43,44 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor) -> tuple[Tensor, int
     if m == 0:
         return H, n
     # Rescaling the old mean instead of summing then dividing keeps H at the data's scale throughout.
-    H = torch.addmm(H.float(), X.T, X, beta=n / (n + m), alpha=2 / (n + m))  # (cols, cols)
+    beta, alpha = n / (n + m), 2 / (n + m)
+    if cols < _SPLIT_COLS:
+        return torch.addmm(H.float(), X.T, X, beta=beta, alpha=alpha), n + m  # (cols, cols)
+    # Wide inputs (an MLP's down_proj): X^T X is symmetric, so compute the two diagonal blocks and
+    # the upper off-diagonal one (3/4 of the products) and mirror the latter.
+    b = cols // 2
+    H = H.float() * beta  # (cols, cols), a new tensor
+    H[:b, :].addmm_(X[:, :b].T, X, alpha=alpha)
+    H[b:, b:].addmm_(X[:, b:].T, X[:, b:], alpha=alpha)
+    H[b:, :b] = H[:b, b:].T
     return H, n + m
 
 
+# From this width on accumulate_hessian computes only the upper blocks (~20% faster on 2 CPU cores
+# at 1536 columns; below ~1000 the smaller matmuls gain nothing).
+_SPLIT_COLS = 1024
+
+
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row i of it, divided by its
-    diagonal, is the OBS update for the columns after i once columns < i are fixed."""
-    # fp64: activation outliers give H a dynamic range where fp32 factorizations can fail, and at
-    # these sizes (cols <= a few thousand) the cost is small next to the Hessian accumulation.
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U: row i of it, divided by
+    its diagonal, is the OBS update for the columns after i once columns < i are fixed.
+
+    The references compute cholesky(cholesky_inverse(cholesky(H)), upper=True): three O(cols^3)
+    steps. With J the reversal of the columns, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J)
+    with J L^-1 J upper triangular with a positive diagonal, so by uniqueness it is U: one
+    Cholesky and one triangular inverse. fp64: cheap at these sizes, and outlier features give H a
+    dynamic range where fp32 factorizations can fail."""
     H = H.to(torch.float64, copy=True)  # (cols, cols)
     H.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        Hinv = Hinv.float()
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         raise ValueError(
             f"the dampened Hessian is not positive definite (Cholesky failed, damp={damp}); increase damp (e.g. 0.1) "
             "or calibrate on more tokens"
         )
-    return Hinv
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)  # (cols, cols) lower
+    return Linv.flip(0, 1).float()
 
 
 def _check_inputs(W: Tensor, H: Tensor, group_size: int, damp: float, block_size: int) -> None:
@@ -213,8 +230,8 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
                 g = g_list[i1 + i]
                 scale, lo, hi = scales[g], -zeros[g], maxq - zeros[g]
             w = W1[i]  # (rows,) column i1 + i
-            t = torch.div(w, scale).round_().clamp_(lo, hi)
-            codes_t[i1 + i] = t
+            t = codes_t[i1 + i]
+            torch.div(w, scale, out=t).round_().clamp_(lo, hi)
             err = Err1[i]
             torch.addcmul(w, t, scale, value=-1, out=err).div_(Hinv1[i, i])  # (rows,) (w - q) / d
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
