@@ -85,19 +85,20 @@ def _range_params(xmin: Tensor, xmax: Tensor, grid: QuantGrid) -> tuple[Tensor, 
 
 
 def find_params_mse(
-    W: Tensor, grid: QuantGrid, *, weights: Tensor | None = None, steps: int = 100, maxshrink: float = 0.8, norm: float = 2.4, coarse: int = 5
+    W: Tensor, grid: QuantGrid, *, weights: Tensor | None = None, steps: int = 100, maxshrink: float = 0.8, norm: float = 2.4, strides: tuple[int, ...] = (9, 3, 1)
 ) -> tuple[Tensor, Tensor]:
     """Like find_params, but each row's range [xmin, xmax] is shrunk by the factor p among
     1, 1 - 1/steps, ..., 1 - maxshrink that minimizes sum_j weights_j * |w_j - q_j|^norm over the
     row (clipping a few outliers buys a finer grid for the rest): IST-DASLab quant.py's `mse`
     search (grid 100, maxshrink 0.8, norm 2.4), with optional per-column weights (cols,).
-    The search is coarse to fine: every `coarse`-th factor first, then the factors between each
-    row's best and its neighbours (the exhaustive search when coarse=1). p = 1 is always a
-    candidate and ties keep the larger range, so no row's error is above find_params'."""
+    The search is coarse to fine: shrink steps k that are multiples of strides[0] first, then
+    around each row's best the steps strides[1] apart, and so on (strides=(1,) is the exhaustive
+    search; the default evaluates 17 of the 81 factors). p = 1 is always a candidate and ties keep
+    the earlier candidate, so no row's error is above find_params'."""
     if not 0 <= maxshrink < 1:
         raise ValueError(f"maxshrink must be in [0, 1), got {maxshrink!r}")
-    if steps < 1 or norm <= 0 or coarse < 1:
-        raise ValueError(f"steps and coarse must be >= 1 and norm > 0, got steps={steps!r}, coarse={coarse!r}, norm={norm!r}")
+    if steps < 1 or norm <= 0 or not strides or strides[-1] != 1 or any(a % b for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"steps must be >= 1, norm > 0 and strides decreasing multiples ending in 1, got steps={steps!r}, norm={norm!r}, strides={strides!r}")
     W = W.float()  # (rows, cols)
     w = None if weights is None else weights.float().to(W.device)  # (cols,)
     xmin, xmax = _min_max(W, grid)  # (rows,)
@@ -107,7 +108,9 @@ def find_params_mse(
         """Row errors and grid parameters for shrink steps k (rows,)."""
         p = 1 - k / steps
         scale, zero = _range_params(p * xmin, p * xmax, grid)
-        D = dequantize(quantize(W, scale[:, None], zero[:, None], grid.maxq), scale[:, None], zero[:, None]).sub_(W)  # (rows, cols)
+        # q - zero = clamp(round(w / scale), -zero, maxq - zero) for an integer zero (as in quantize).
+        D = torch.div(W, scale[:, None]).round_().clamp_(-zero[:, None], grid.maxq - zero[:, None])
+        D = D.mul_(scale[:, None]).sub_(W)  # (rows, cols) q - w
         D = D.square_() if norm == 2 else D.abs_().pow_(norm)
         return (D.sum(dim=1) if w is None else D @ w), scale, zero
 
@@ -118,18 +121,19 @@ def find_params_mse(
         nonlocal best_k, best_err, best_scale, best_zero
         k = k.clamp(0, last)
         err, scale, zero = error(k)
-        better = err < best_err  # strict: on a tie the earlier (larger or coarser) range stays
+        better = err < best_err  # strict: on a tie the earlier candidate stays
         best_k = torch.where(better, k, best_k)
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
 
-    for k in range(coarse, last + 1, coarse):
+    for k in range(strides[0], last + 1, strides[0]):
         consider(torch.full_like(xmax, k))
-    center = best_k.clone()
-    for offset in range(1, coarse):
-        consider(center - offset)
-        consider(center + offset)
+    for coarse, fine in zip(strides, strides[1:]):
+        center = best_k.clone()
+        for offset in range(fine, coarse, fine):
+            consider(center - offset)
+            consider(center + offset)
     return best_scale, best_zero
 
 
