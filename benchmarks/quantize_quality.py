@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict | None] = {
     "rtn4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
     "gptq4-g128-act": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True},
     "gptq4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": False},
+    # The defaults before scale_search and forward_dtype existed (min/max scales, fp32 forwards).
+    "gptq4-g128-act-minmax-fp32": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "scale_search": "minmax", "forward_dtype": "float32"},
+    "gptq4-g128-minmax-fp32": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": False, "scale_search": "minmax", "forward_dtype": "float32"},
     "gptq3-g128-act": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True},
     "rtn3-g128": {"method": "rtn", "bits": 3, "group_size": 128},
     "bnb-nf4": {"method": "bnb-nf4"},
@@ -84,10 +87,13 @@ def run_variant(model: str, label: str, settings: dict | None, work: Path, args)
         recipe = load_recipe(None, overrides + [f"data.seq_len={args.seq_len}", f"data.max_eval_tokens={args.eval_tokens}"])
         path = work / label
         shutil.rmtree(path, ignore_errors=True)
+        load_before = os.getloadavg()[0]
         result = run_quantize(recipe, model, path, progress=True)
         seconds = result.metrics["quantize_time_s"]
+        load = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     ppl = evaluate_domains(path, domains, tokenizer, args.seq_len, args.eval_tokens)
-    return {"variant": label, "settings": settings, "ppl": ppl, "size_mb": weights_bytes(path) / 2**20, "quantize_s": seconds}
+    row = {"variant": label, "settings": settings, "ppl": ppl, "size_mb": weights_bytes(path) / 2**20, "quantize_s": seconds}
+    return row if settings is None else {**row, "loadavg_1min_before_after": load}
 
 
 def render(results: dict) -> str:
@@ -96,19 +102,23 @@ def render(results: dict) -> str:
         "",
         f"Calibration: {results['settings']['samples']} x {results['settings']['calib_len']} tokens of `builtin:pydocs/train` (seed 0); "
         f"perplexity on {results['settings']['eval_tokens']:,} tokens per domain, windows of {results['settings']['seq_len']}. "
-        f"Machine: {results['machine']}. LM head kept in float; symmetric grid; damp 0.01.",
+        f"Machine: {results['machine']}. LM head kept in float; symmetric grid; damp 0.01. GPTQ rows use the recipe defaults "
+        "(`scale_search: mse-hessian`, `forward_dtype: bfloat16`) unless labelled `minmax-fp32` (min/max scales, fp32 forwards: "
+        "the defaults before, measured with commit cbc1092). Quantize times are on a shared 2-core machine: the load average "
+        "(1 min, before / after) says how shared; above ~2 the time is inflated.",
         "",
     ]
     for model, rows in results["models"].items():
         domains = list(next(iter(rows.values()))["ppl"]) if rows else []
         base = rows.get("float")
-        lines += [f"## {model}", "", "| variant | " + " | ".join(f"ppl {d}" for d in domains) + " | size (MB) | quantize time (s) |", "|---" * (len(domains) + 3) + "|"]
+        lines += [f"## {model}", "", "| variant | " + " | ".join(f"ppl {d}" for d in domains) + " | size (MB) | quantize time (s) | load avg |", "|---" * (len(domains) + 4) + "|"]
         for label, row in rows.items():
             cells = []
             for d in domains:
                 rel = "" if base is None or label == "float" else f" ({100 * (row['ppl'][d] / base['ppl'][d] - 1):+.1f}%)"
                 cells.append(f"{row['ppl'][d]:.2f}{rel}")
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['size_mb']:.1f} | {row['quantize_s']:.0f} |")
+            load = row.get("loadavg_1min_before_after")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['size_mb']:.1f} | {row['quantize_s']:.0f} | {'' if load is None else f'{load[0]} / {load[1]}'} |")
         lines.append("")
     lines += [f"For context: {PAPER_CONTEXT}", "", "Commands (rows accumulate; a rerun skips finished rows):", ""]
     lines += [f"    {c}" for c in results.get("commands", [results["command"]])] + [""]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.quantize.gptq import accumulate_hessian, gptq
-from compress.quantize.grid import QuantGrid, dequantize, find_params, quantize, rtn
+from compress.quantize.gptq import accumulate_hessian, gptq, gptq_shared
+from compress.quantize.grid import QuantGrid, dequantize, find_params, find_params_mse, quantize, rtn
 
 
 def correlated_inputs(tokens: int = 2048, cols: int = 256, seed: int = 0) -> torch.Tensor:
@@ -189,3 +189,92 @@ def test_accumulate_hessian_in_batches():
     torch.testing.assert_close(H, 2 / 300 * X.T @ X, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="features"):
         accumulate_hessian(H, n, torch.randn(4, 23))
+
+
+def test_accumulate_hessian_wide_inputs_use_symmetry():
+    # From 1024 columns on only the upper blocks are computed and the off-diagonal one mirrored.
+    X = correlated_inputs(600, 1030)
+    H, n = accumulate_hessian(None, 0, X[:250])
+    H, n = accumulate_hessian(H, n, X[250:])
+    assert n == 600 and torch.equal(H[515:, :515], H[:515, 515:].T)
+    want = 2 / 600 * (X.double().T @ X.double())
+    torch.testing.assert_close(H.double(), want, rtol=1e-4, atol=1e-5 * float(want.diagonal().mean()))
+
+
+def group_error(W, scale, zero, grid, norm=2.0, weights=None):
+    Q = dequantize(quantize(W, scale[:, None], zero[:, None], grid.maxq), scale[:, None], zero[:, None])
+    err = (Q - W).abs().pow(norm)
+    return (err if weights is None else err * weights).sum(dim=1)  # (rows,)
+
+
+@pytest.mark.parametrize("bits, sym", [(4, True), (3, False), (2, True), (8, False)])
+def test_mse_search_never_worse_than_min_max(bits, sym):
+    grid = QuantGrid(bits, sym)
+    W = weight(64, 128)
+    W[:, 7] *= 8  # an outlier column: clipping it pays off for most rows
+    W[3] = 0
+    W[5] = W[5].abs()
+    w = torch.rand(128, generator=torch.Generator().manual_seed(3)) + 0.1
+    for norm, weights in [(2.4, None), (2.0, w)]:
+        base = group_error(W, *find_params(W, grid), grid, norm, weights)
+        scale, zero = find_params_mse(W, grid, weights=weights, norm=norm)
+        assert torch.equal(scale.half().float(), scale) and torch.equal(zero, zero.round())
+        if sym:
+            assert torch.all(zero == 2 ** (bits - 1))
+        err = group_error(W, scale, zero, grid, norm, weights)
+        assert torch.all(err <= base * (1 + 1e-6)), "MSE search increased a row's error"
+        if bits <= 4:
+            assert err.sum() < 0.97 * base.sum(), "MSE search found nothing better than min-max on outlier rows"
+        assert scale[3] == 1
+
+
+def test_mse_search_bad_input():
+    with pytest.raises(ValueError, match="maxshrink"):
+        find_params_mse(weight(4, 8), QuantGrid(4), maxshrink=1.0)
+    with pytest.raises(ValueError, match="scale_search"):
+        gptq(weight(4, 8), torch.eye(8), QuantGrid(4), group_size=8, scale_search="best")
+
+
+@pytest.mark.parametrize("scale_search", ["mse", "mse-hessian"])
+def test_identity_hessian_mse_equals_rtn_with_mse_params(scale_search):
+    # With H = I there is no error feedback and d = 1 for every column, so each group gets the
+    # plain MSE-searched grid (norm 2.4 for "mse", unweighted norm 2 for "mse-hessian").
+    W, grid, size = weight(32, 256), QuantGrid(4), 64
+    r = gptq(W, torch.eye(256), grid, group_size=size, damp=0.0, scale_search=scale_search)
+    norm = 2.4 if scale_search == "mse" else 2.0
+    for g in range(256 // size):
+        scale, zero = find_params_mse(W[:, g * size : (g + 1) * size], grid, norm=norm)
+        assert torch.equal(r.scales[g], scale) and torch.equal(r.zeros[g], zero.to(torch.int32))
+
+
+@pytest.mark.parametrize("scale_search", ["mse", "mse-hessian"])
+def test_mse_scale_search_lowers_gptq_output_error(scale_search):
+    # Heavy-tailed weights (a few large entries per row) are where clipping the range pays.
+    X = correlated_inputs()
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(64, 256, generator=g) * (1 + 6 * (torch.rand(64, 256, generator=g) > 0.98))
+    H = hessian(X)
+    a = gptq(W, H, QuantGrid(3), group_size=64, act_order=True)
+    b = gptq(W, H, QuantGrid(3), group_size=64, act_order=True, scale_search=scale_search)
+    assert output_error(X, W, b.Q) < 0.97 * output_error(X, W, a.Q)
+
+
+@pytest.mark.parametrize("act_order, static_groups", [(False, False), (True, False), (True, True)])
+def test_shared_hessian_matches_separate_gptq(act_order, static_groups):
+    X, H = correlated_inputs(512, 128), None
+    H = hessian(X)
+    Ws = [weight(32, 128, seed=s) for s in (1, 2, 3)]
+    Ws[1] = Ws[1][:16]
+    opts = dict(group_size=32, act_order=act_order, static_groups=static_groups, scale_search="mse")
+    shared = gptq_shared(Ws, H, QuantGrid(4), **opts)
+    for W, got in zip(Ws, shared):
+        want = gptq(W, H, QuantGrid(4), **opts)
+        assert got.Q.shape == W.shape and got.scales.shape == want.scales.shape
+        assert torch.equal(got.g_idx, want.g_idx)
+        # Stacking changes only float rounding in the updates: codes agree almost everywhere.
+        assert (got.codes == want.codes).float().mean() > 0.995
+        torch.testing.assert_close(got.Q, want.Q, atol=float(want.scales.max()) * 1.01, rtol=0)
+        assert got.loss == pytest.approx(want.loss, rel=1e-2)
+    with pytest.raises(ValueError, match="same number of columns"):
+        gptq_shared([weight(8, 128), weight(8, 64)], H, QuantGrid(4))
+

@@ -37,7 +37,8 @@ def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, te
     from transformers import AutoTokenizer
 
     calib, _ = calibration_blocks(recipe, recipe.quantize, AutoTokenizer.from_pretrained(wide_llama))
-    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order)
+    spec = recipe.quantize
+    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
     reloaded = load_gptq(result.artifact)
     assert sum(isinstance(m, GPTQLinear) for m in reloaded.modules()) == 4 * 7
     ids = torch.randint(0, 300, (2, 24))
@@ -122,3 +123,35 @@ def test_true_sequential_option_runs_and_is_recorded(tmp_path, wide_llama, text_
     config = json.loads((result.artifact / "config.json").read_text())
     assert config["quantization_config"]["true_sequential"] is True
     assert result.metrics["ppl_increase"] < 0.5
+
+
+def test_bf16_calibration_forwards_give_hessians_close_to_fp32(wide_llama):
+    import copy
+
+    from compress.architectures import get_blocks
+    from compress.quantize.calibrate import _block_hessians, _cast_floats, capture_block_inputs, linear_groups, quantizable_linears
+
+    model = AutoModelForCausalLM.from_pretrained(wide_llama).eval()
+    states = capture_block_inputs(model, torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0)), batch_size=4)
+    block = get_blocks(model)[0]
+    mine = {n: m for n, m in quantizable_linears(model, ("lm_head",)).items() if n.startswith("model.layers.0.")}
+    runner = copy.deepcopy(block).to(torch.bfloat16)
+    ours = {n: runner.get_submodule(n[len("model.layers.0."):]) for n in mine}
+    with torch.no_grad():
+        groups = linear_groups(block, mine, states)
+        fp32 = _block_hessians(block, mine, groups, states)
+        bf16 = _block_hessians(runner, ours, groups, [(h.bfloat16(), _cast_floats(kw, torch.bfloat16)) for h, kw in states])
+    for name, H in fp32.items():
+        rel = float((bf16[name] - H).norm() / H.norm())
+        assert bf16[name].dtype == torch.float32
+        assert 0 < rel < 2e-2, f"{name}: bf16 calibration Hessian is {rel:.2e} off fp32"
+        assert torch.linalg.eigvalsh(bf16[name].double()).min() > -1e-6 * float(H.diagonal().mean()), "H must stay positive semidefinite"
+
+
+@pytest.mark.parametrize("settings", [{"forward_dtype": "bfloat16"}, {"scale_search": "mse-hessian"}, {"scale_search": "mse", "forward_dtype": "bfloat16"}])
+def test_gptq_options_quantize_and_are_recorded(tmp_path, wide_llama, text_files, settings):
+    result = run_quantize(make_recipe(tmp_path, text_files, act_order=True, **settings), str(wide_llama), tmp_path / "q", progress=False)
+    meta = json.loads((result.artifact / "config.json").read_text())["quantization_config"]["meta"]
+    for key, value in settings.items():
+        assert meta[key] == value
+    assert result.metrics["ppl_increase"] < 0.3

@@ -5,6 +5,7 @@ one table (`compress.architectures`) says where the blocks are, for every suppor
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from compress.architectures import get_blocks, layer_layout
-from compress.quantize.gptq import accumulate_hessian, gptq
+from compress.quantize.gptq import accumulate_hessian, gptq_shared
 from compress.quantize.grid import QuantGrid, QuantResult, rtn
 
 
@@ -107,11 +108,20 @@ def quantize_blocks(
     block_size: int = 128,
     static_groups: bool = False,
     true_sequential: bool = False,
+    scale_search: str = "minmax",
+    forward_dtype: str = "float32",
     batch_size: int = 8,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     """Quantize every selected Linear in place (weights replaced by their dequantized values) and
-    return the per-module results that the checkpoint format packs."""
+    return the per-module results that the checkpoint format packs.
+
+    forward_dtype="bfloat16" runs the calibration forwards on a bf16 copy of each block, with the
+    hidden states between blocks in bf16 too (as GPTQModel does on CPU by default); the weights
+    GPTQ reads, the Hessians and the GPTQ math stay fp32 either way."""
+    if forward_dtype not in _FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype must be one of {list(_FORWARD_DTYPES)}, got {forward_dtype!r}")
+    dtype = _FORWARD_DTYPES[forward_dtype]
     linears = quantizable_linears(model, skip)
     if not linears:
         raise ValueError(f"no Linear layers to quantize in {model.config.model_type} after skipping {list(skip)}")
@@ -119,25 +129,38 @@ def quantize_blocks(
     reports: list[LayerReport] = []
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
-    states = capture_block_inputs(model, calib, batch_size) if method == "gptq" else []
+    states = [(h.to(dtype), _cast_floats(kw, dtype)) for h, kw in capture_block_inputs(model, calib, batch_size)] if method == "gptq" else []
+    options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     for i, block in enumerate(blocks):
         mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
         block_reports = []
         if method == "gptq":
+            # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
+            runner = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+            ours = {n: runner.get_submodule(n[len(f"{prefix}.{i}.") :]) for n in mine}
             # Linears reading the same input (q/k/v; gate/up) share one Hessian. True-sequential takes
             # the groups in turn, each calibrated through the already-quantized groups before it.
-            groups = linear_groups(block, mine, states)
+            groups = linear_groups(runner, ours, states)
             for stage in ([[g] for g in groups] if true_sequential else [groups]):
-                hessians = _block_hessians(block, mine, stage, states, stop=true_sequential)
-                for name in (n for g in stage for n in g):
-                    module, H = mine[name], hessians[name]
-                    W = linear_weight(module).float()
-                    res = gptq(W, H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups)
-                    block_reports.append(_report(name, W, res.Q, H))
-                    set_linear_weight(module, res.Q)
-                    results[name] = res
+                # Each forward stops once the stage's last group has its input (skips down_proj).
+                hessians = _block_hessians(runner, ours, stage, states, stop=True)
+                for group in stage:
+                    # One GPTQ pass over the stacked rows of the Linears sharing this input.
+                    H = hessians[group[0]]
+                    Ws = [linear_weight(mine[name]).float() for name in group]
+                    try:
+                        shared = gptq_shared(Ws, H, grid, **options)
+                    except ValueError as err:
+                        raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
+                    for name, W, res in zip(group, Ws, shared):
+                        block_reports.append(_report(name, W, res.Q, H))
+                        set_linear_weight(mine[name], res.Q)
+                        if runner is not block:
+                            set_linear_weight(ours[name], res.Q)
+                        results[name] = res
             # The next block sees what this block produces *now that it is quantized*.
-            states = [(_block_output(block(h, **kw)), kw) for h, kw in states]
+            states = [(_block_output(runner(h, **kw)), kw) for h, kw in states]
+            del runner
         else:
             for name, module in mine.items():
                 W = linear_weight(module).float()
@@ -149,6 +172,20 @@ def quantize_blocks(
         if on_layer is not None:
             on_layer(i, len(blocks), block_reports)
     return results, reports
+
+
+_FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """Floating tensors in a block's keyword arguments (rotary cos/sin, masks) cast to dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
 
 
 def linear_groups(block: nn.Module, linears: dict[str, nn.Module], states) -> list[list[str]]:
@@ -186,7 +223,7 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: lis
     def make_hook(leader):
         def hook(module, args):
             x = args[0]
-            sums[leader] = accumulate_hessian(*sums[leader], x.reshape(-1, x.shape[-1]).float())
+            sums[leader] = accumulate_hessian(*sums[leader], x.reshape(-1, x.shape[-1]))
             if stop and leader == groups[-1][0]:
                 raise _StopForward
 

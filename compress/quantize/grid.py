@@ -55,7 +55,10 @@ def find_params(W: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
     Rows of zeros get scale 1 (no division by 0). The scale is rounded to float16, the dtype the
     checkpoint stores, so that the packed form reproduces Q bit-exactly; asym zeros are derived
     from the rounded scale. Returns scale (rows,) fp32, zero (rows,) fp32 integer-valued."""
-    maxq = grid.maxq
+    return _range_params(*_min_max(W, grid), grid)
+
+
+def _min_max(W: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
     W = W.float()  # (rows, cols)
     xmin = W.amin(dim=1).clamp(max=0.0)  # (rows,)
     xmax = W.amax(dim=1).clamp(min=0.0)  # (rows,)
@@ -64,9 +67,14 @@ def find_params(W: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
         # all-nonnegative row, giving scale xmax/maxq and clipping its upper half at zero point
         # 2**(bits-1); the symmetric range [-xmax, xmax] used here for every row avoids that.
         xmax = torch.maximum(-xmin, xmax)
-        scale = 2 * xmax / maxq
-    else:
-        scale = (xmax - xmin) / maxq
+        xmin = -xmax
+    return xmin, xmax
+
+
+def _range_params(xmin: Tensor, xmax: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
+    """Scale and zero of the grid spanning [xmin, xmax] (..., rows), scale fp16-representable."""
+    maxq = grid.maxq
+    scale = (xmax - xmin) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.clamp(_FP16_TINY, _FP16_MAX).half().float()
     if grid.sym:
@@ -74,6 +82,59 @@ def find_params(W: Tensor, grid: QuantGrid) -> tuple[Tensor, Tensor]:
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def find_params_mse(
+    W: Tensor, grid: QuantGrid, *, weights: Tensor | None = None, steps: int = 100, maxshrink: float = 0.8, norm: float = 2.4, strides: tuple[int, ...] = (9, 3, 1)
+) -> tuple[Tensor, Tensor]:
+    """Like find_params, but each row's range [xmin, xmax] is shrunk by the factor p among
+    1, 1 - 1/steps, ..., 1 - maxshrink that minimizes sum_j weights_j * |w_j - q_j|^norm over the
+    row (clipping a few outliers buys a finer grid for the rest): IST-DASLab quant.py's `mse`
+    search (grid 100, maxshrink 0.8, norm 2.4), with optional per-column weights (cols,).
+    The search is coarse to fine: shrink steps k that are multiples of strides[0] first, then
+    around each row's best the steps strides[1] apart, and so on (strides=(1,) is the exhaustive
+    search; the default evaluates 17 of the 81 factors). p = 1 is always a candidate and ties keep
+    the earlier candidate, so no row's error is above find_params'."""
+    if not 0 <= maxshrink < 1:
+        raise ValueError(f"maxshrink must be in [0, 1), got {maxshrink!r}")
+    if steps < 1 or norm <= 0 or not strides or strides[-1] != 1 or any(a % b for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"steps must be >= 1, norm > 0 and strides decreasing multiples ending in 1, got steps={steps!r}, norm={norm!r}, strides={strides!r}")
+    W = W.float()  # (rows, cols)
+    w = None if weights is None else weights.float().to(W.device)  # (cols,)
+    xmin, xmax = _min_max(W, grid)  # (rows,)
+    last = int(maxshrink * steps)  # candidates are p = 1 - k/steps for k = 0..last
+
+    def error(k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Row errors and grid parameters for shrink steps k (rows,)."""
+        p = 1 - k / steps
+        scale, zero = _range_params(p * xmin, p * xmax, grid)
+        # q - zero = clamp(round(w / scale), -zero, maxq - zero) for an integer zero (as in quantize).
+        D = torch.div(W, scale[:, None]).round_().clamp_(-zero[:, None], grid.maxq - zero[:, None])
+        D = D.mul_(scale[:, None]).sub_(W)  # (rows, cols) q - w
+        D = D.square_() if norm == 2 else D.abs_().pow_(norm)
+        return (D.sum(dim=1) if w is None else D @ w), scale, zero
+
+    best_k = torch.zeros_like(xmax)
+    best_err, best_scale, best_zero = error(best_k)
+
+    def consider(k: Tensor) -> None:
+        nonlocal best_k, best_err, best_scale, best_zero
+        k = k.clamp(0, last)
+        err, scale, zero = error(k)
+        better = err < best_err  # strict: on a tie the earlier candidate stays
+        best_k = torch.where(better, k, best_k)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+
+    for k in range(strides[0], last + 1, strides[0]):
+        consider(torch.full_like(xmax, k))
+    for coarse, fine in zip(strides, strides[1:]):
+        center = best_k.clone()
+        for offset in range(fine, coarse, fine):
+            consider(center - offset)
+            consider(center + offset)
+    return best_scale, best_zero
 
 
 def quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:

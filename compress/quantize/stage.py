@@ -134,6 +134,8 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
                 static_groups=getattr(spec, "static_groups", False), modules=list(results),
             )
             qconfig["true_sequential"] = getattr(spec, "true_sequential", False)
+            if isinstance(spec, GPTQSpec):
+                qconfig["meta"].update(scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
             qconfig["meta"]["method"] = spec.method
             write_gptq(tmp, model.cpu(), results, qconfig, tokenizer)
             del model
@@ -179,7 +181,7 @@ def _quantize_int(model, spec, calib, progress: bool):
 
     kwargs = {}
     if calib is not None:
-        kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, batch_size=spec.batch_size)
+        kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, batch_size=spec.batch_size)
     try:
         return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, **kwargs)
     finally:
