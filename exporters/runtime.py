@@ -6,8 +6,10 @@ tokenizers, json). For apps that ship a model made by `compress export`:
     print(lm.generate("The capital of France is", max_new_tokens=20).text)
     for piece in lm.stream("Once upon a time", max_new_tokens=50): print(piece, end="", flush=True)
 
-Generation prefills the prompt with an empty KV cache, then feeds one token per step with the cache the
-previous step returned.
+Generation prefills the prompt with an empty KV cache, then feeds one token per step. Inputs and outputs go
+through an IO binding: the fused graph's KV cache is one preallocated buffer per layer that GroupQueryAttention
+updates in place (past and present bound to the same memory); other graphs get their returned cache back as
+OrtValues, never copied through numpy.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from compress.errors import CompressError
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+KV_CACHE_KEY = "compress.kv_cache"  # model metadata written by compress_exporters.graph
 
 
 class RuntimeLoadError(CompressError, ValueError):
@@ -127,6 +130,8 @@ class OnnxCausalLM:
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
         self._past_shape = {n: inputs[n].shape for n in self._past}
         self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
+        # The fused graph (compress_exporters.graph) marks that past and present may share one buffer.
+        self.kv_shareable = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None) -> "OnnxCausalLM":
@@ -206,20 +211,66 @@ class OnnxCausalLM:
     def _token_stream(self, prompt_ids: list[int], max_new_tokens: int, pick: Callable[[np.ndarray], int]) -> Iterator[int]:
         n = len(prompt_ids)
         budget = max_new_tokens if self.context_length is None else min(max_new_tokens, self.context_length - n)
-        feeds = {"input_ids": np.asarray([prompt_ids], np.int64)}
-        feeds.update({name: np.zeros((1, shape[1], 0, shape[3]), self._past_dtype[name]) for name, shape in self._past_shape.items()})
+        if budget <= 0:
+            return
+        cache = _SharedKVCache(self, n + budget) if self.kv_shareable else _ReturnedKVCache(self)
+        binding = self.session.io_binding()
+        tokens = np.asarray([prompt_ids], np.int64)
         positions = np.arange(n, dtype=np.int64)[None]
         for _ in range(budget):
-            feeds["attention_mask"] = np.ones((1, n), np.int64)
+            binding.bind_cpu_input("input_ids", tokens)
+            binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
             if self._has_positions:
-                feeds["position_ids"] = positions
-            logits, *present = self.session.run(self._outputs, feeds)
-            token = pick(logits[0, -1].astype(np.float32))
+                binding.bind_cpu_input("position_ids", positions)
+            binding.bind_output("logits", "cpu")
+            cache.bind(binding)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
+            token = pick(outputs[0].numpy()[0, -1].astype(np.float32))
             yield token
-            feeds = dict(zip(self._past, present))
-            feeds["input_ids"] = np.asarray([[token]], np.int64)
+            cache.advance(outputs[1:])
+            tokens = np.asarray([[token]], np.int64)
             positions = np.asarray([[n]], np.int64)
             n += 1
+
+
+class _SharedKVCache:
+    """One preallocated buffer per past tensor, bound as both past_key_values.* and present.*: the fused graph's
+    GroupQueryAttention writes each step's keys and values in place, so nothing is copied between steps."""
+
+    def __init__(self, lm: "OnnxCausalLM", max_length: int):
+        ort = _ort()
+        self._pairs = []
+        for name in lm._past:
+            _, heads, _, dim = lm._past_shape[name]
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, max_length, dim), lm._past_dtype[name], "cpu", 0)
+            self._pairs.append((name, name.replace("past_key_values.", "present."), buffer))
+
+    def bind(self, binding) -> None:
+        for past, present, buffer in self._pairs:
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+    def advance(self, present) -> None:
+        pass  # written in place
+
+
+class _ReturnedKVCache:
+    """A graph whose present.* is a new tensor (past + this step): each step's present OrtValues are bound as
+    the next step's past, without passing through numpy."""
+
+    def __init__(self, lm: "OnnxCausalLM"):
+        ort = _ort()
+        self._names = [(name, name.replace("past_key_values.", "present.")) for name in lm._past]
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._past_shape[n][1], 0, lm._past_shape[n][3]), lm._past_dtype[n])) for n in lm._past]
+
+    def bind(self, binding) -> None:
+        for (past, present), value in zip(self._names, self._past):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_output(present, "cpu")
+
+    def advance(self, present) -> None:
+        self._past = list(present)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
