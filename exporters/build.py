@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress_exporters.onnx import MODEL_FILE, ExportError, ExportResult, genai_config, model_bytes, remove_work, save_model
+from compress_exporters.onnx import LM_HEAD_BLOCK_SIZE, MODEL_FILE, ExportError, ExportResult, genai_config, model_bytes, remove_work, save_model
 from compress_exporters.validation import Tolerance, ValidationFailedError
 
 
@@ -154,7 +154,7 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
     if lm_head == "int8" and head is not None and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
-        proto = fmt.quantize_nbits(proto, bits=8, block_size=32, accuracy_level=level, include=head_names)
+        proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=level, include=head_names)
     return proto, details
 
 
@@ -220,7 +220,7 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
         if generation:
             model.generation_config.save_pretrained(tmp)
         provider = "cuda" if settings["device"] == "cuda" else None
-        write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider))
+        write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider, share_buffer=settings["exporter"] == "fused"))
         sizes = {"model_bytes": model_bytes(tmp), "source_weight_bytes": sum(p.stat().st_size for p in source.local.glob("*.safetensors")) if source.local else 0}
         record = ArtifactRecord(
             stage="export",

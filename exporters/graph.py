@@ -36,6 +36,7 @@ FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MS_DOMAIN = "com.microsoft"
 WINDOW_OFFSET = 1
 OPSET = 23  # RMSNormalization (the first norm, which has no residual to fuse) is standard ONNX from opset 23
+KEEP_INPUT = "num_logits_to_keep"  # optional int64 scalar input: logits for the last N positions only (0 = all)
 KV_CACHE_METADATA = {"compress.kv_cache": "gqa-shareable"}  # the runtime binds past and present to one buffer
 
 
@@ -77,11 +78,11 @@ class FloatProjector:
 
     def project(self, graph: GraphWriter, x: str, names: list[str], modules: list, out: str) -> str:
         W = np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)  # (K, N)
-        y = graph.node("MatMul", [x, graph.init(f"{_fused_name(names)}.weight", W)], out if not _has_bias(modules) else out + "_nobias", name=f"{_fused_name(names)}/MatMul")[0]
-        return _add_bias(graph, y, names, modules, out)
+        y = graph.node("MatMul", [x, graph.init(f"{fused_name(names)}.weight", W)], out if not has_bias(modules) else out + "_nobias", name=f"{fused_name(names)}/MatMul")[0]
+        return add_bias(graph, y, names, modules, out)
 
 
-def _fused_name(names: list[str]) -> str:
+def fused_name(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
     parent = names[0].rpartition(".")[0]
@@ -89,15 +90,15 @@ def _fused_name(names: list[str]) -> str:
     return f"{parent}.{suffix}_proj"
 
 
-def _has_bias(modules) -> bool:
+def has_bias(modules) -> bool:
     return any(getattr(m, "bias", None) is not None for m in modules)
 
 
-def _add_bias(graph: GraphWriter, y: str, names: list[str], modules: list, out: str) -> str:
-    if not _has_bias(modules):
+def add_bias(graph: GraphWriter, y: str, names: list[str], modules: list, out: str) -> str:
+    if not has_bias(modules):
         return y
     b = np.concatenate([(m.bias.detach().float().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)) for m in modules])
-    return graph.node("Add", [y, graph.init(f"{_fused_name(names)}.bias", b)], out, name=f"{_fused_name(names)}/BiasAdd")[0]
+    return graph.node("Add", [y, graph.init(f"{fused_name(names)}.bias", b)], out, name=f"{fused_name(names)}/BiasAdd")[0]
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ def decoder_spec(model) -> DecoderSpec:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
+    # Without per-layer types a configured window applies to every layer (Mistral); Qwen2 clears its window
+    # when use_sliding_window is off.
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(layers)
     # local_window_size = the config's window: the same keys as torch's sliding mask (checked on a window of 4).
     windows = tuple(window if (window and kind == "sliding_attention") else -1 for kind in types)
-    if window and getattr(config, "model_type", None) == "mistral" and not getattr(config, "layer_types", None):
-        windows = tuple(window for _ in layers)
     return DecoderSpec(
         model_type=config.model_type,
         num_layers=len(layers),
@@ -142,7 +143,7 @@ def decoder_spec(model) -> DecoderSpec:
     )
 
 
-def rotary_caches(model, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rotary_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(length, rotary_dim / 2) cos and sin from the model's own rotary module (rope scaling included)."""
     import torch
 
@@ -150,6 +151,8 @@ def rotary_caches(model, length: int) -> tuple[np.ndarray, np.ndarray]:
     x = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
         cos, sin = rotary(x, torch.arange(length)[None])
+    if cos.shape[-1] != head_dim:
+        raise ValueError(f"rotary dimension {cos.shape[-1]} != head size {head_dim}: partial rotary is not written by the fused graph; export with exporter='dynamo'")
     half = cos.shape[-1] // 2
     # HF's rotate_half layout: cos = cat(freqs, freqs).cos(); GroupQueryAttention takes the first half.
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
@@ -163,10 +166,10 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
     g = GraphWriter()
     fused: dict[str, list[str]] = {}
     length = int(context_length or getattr(model.config, "max_position_embeddings", 0) or 4096)
-    cos, sin = rotary_caches(model, length)
+    cos, sin = rotary_caches(model, length, spec.head_dim)
     g.init("cos_cache", cos)
     g.init("sin_cache", sin)
-    seqlens, total, bias = _mask_inputs(g)
+    seqlens, total, bias, seq = _mask_inputs(g)
 
     embed = model.model.embed_tokens.weight.detach().float().numpy()
     x = g.node("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], "embeddings", name="embed_tokens/Gather")[0]
@@ -177,7 +180,7 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         attn = layer.self_attn
         qkv_names = [f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
         qkv = projector.project(g, normed, qkv_names, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.self_attn.qkv")
-        fused[_fused_name(qkv_names)] = qkv_names
+        fused[fused_name(qkv_names)] = qkv_names
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         gqa_inputs = [qkv, "", "", *past, seqlens, total, "cos_cache", "sin_cache", "", bias]
         attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=spec.scale, local_window_size=spec.windows[i])
@@ -189,12 +192,16 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         normed, residual = _norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, residual, pending, spec.eps)
         mlp = layer.mlp
         gu_names = [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"]
-        gate_up = projector.project(g, normed, gu_names, [mlp.gate_proj, mlp.up_proj], f"{prefix}.mlp.gate_up")
-        fused[_fused_name(gu_names)] = gu_names
-        act = _swiglu(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features)
         down = f"{prefix}.mlp.down_proj"
-        pending = projector.project(g, act, [down], [mlp.down_proj], f"{down}.out")
+        # An act-order down_proj reads its input in group order: gate/up can write their outputs in that order
+        # (SwiGLU is elementwise), which saves a Gather per layer.
+        order = projector.mlp_input_order(gu_names, down) if hasattr(projector, "mlp_input_order") else None
+        gate_up = projector.project(g, normed, gu_names, [mlp.gate_proj, mlp.up_proj], f"{prefix}.mlp.gate_up", **({"out_perm": order} if order is not None else {}))
+        fused[fused_name(gu_names)] = gu_names
+        act = _swiglu(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features)
+        pending = projector.project(g, act, [down], [mlp.down_proj], f"{down}.out", **({"input_ordered": True} if order is not None else {}))
     normed, _ = _norm(g, "model.norm", model.model.norm, residual, pending, spec.eps)
+    normed = _keep_last(g, normed, seq)
     head = model.lm_head.weight.detach().float().numpy().T  # (hidden, vocab); a tied head gets its own copy
     g.node("MatMul", [normed, g.init("lm_head.weight", np.ascontiguousarray(head))], "logits", name="lm_head/MatMul")
     return _model(g, spec, input_names(spec.num_layers), output_names(spec.num_layers)), fused
@@ -254,7 +261,18 @@ def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
     t_1d = g.node("Unsqueeze", [t64, g.const([0])], "total_1d", name="mask/total_1d")[0]
     target = g.node("Concat", [batch_1d, g.const([1]), seq, t_1d], "bias_shape", name="mask/bias_shape", axis=0)[0]
     bias = g.node("Expand", [bias4d, target], "attention_bias", name="mask/attention_bias")[0]
-    return seqlens, total, bias
+    return seqlens, total, bias, seq
+
+
+def _keep_last(g: GraphWriter, hidden: str, seq: str) -> str:
+    """The last `num_logits_to_keep` positions of `hidden` (0, the default, keeps all). A prefill only needs the
+    last position's logits: skipping the others saves the LM head's largest product (positions x vocab)."""
+    g.init(KEEP_INPUT, np.asarray(0, np.int64))  # also a graph input: an initializer callers may override
+    keep = g.node("Unsqueeze", [KEEP_INPUT, g.const([0])], "keep_1d", name="logits/keep_1d")[0]
+    first = g.node("Sub", [seq, keep], "keep_start", name="logits/start")[0]
+    every = g.node("Equal", [keep, g.const([0])], "keep_all", name="logits/keep_all")[0]
+    start = g.node("Where", [every, g.const([0]), first], "logits_start", name="logits/where")[0]
+    return g.node("Slice", [hidden, start, g.const([np.iinfo(np.int64).max]), g.const([1])], "hidden_kept", name="logits/Slice")[0]
 
 
 def _model(g: GraphWriter, spec: DecoderSpec, names_in: list[str], names_out: list[str]) -> onnx.ModelProto:
@@ -264,7 +282,8 @@ def _model(g: GraphWriter, spec: DecoderSpec, names_in: list[str], names_out: li
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]),
     ] + [kv(name, "past_sequence_length") for name in names_in[3:]]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence_length", spec.vocab])]
+    inputs.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_length", spec.vocab])]
     outputs += [kv(name, "present_sequence_length") for name in names_out[1:]]
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="compress")

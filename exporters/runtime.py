@@ -43,18 +43,19 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None):
-    """Threads pinned when given, and no spin-waiting: a spinning pool starves other work on a small CPU."""
+def session_options(threads: int | None = None, spin: bool = False):
+    """Threads pinned when given, and no spin-waiting by default: a spinning pool starves other work on a small
+    CPU. `spin=True` saves the thread wake-ups between ops (lower latency on a machine with nothing else to run)."""
     ort = _ort()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
-def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None):
+def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None, spin: bool = False):
     """An InferenceSession that really runs on `providers` (default CPU). ONNX Runtime quietly falls back to
     CPU when e.g. CUDA libraries are missing; here that is an error naming what was asked and what was got."""
     ort = _ort()
@@ -67,7 +68,7 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             f"ONNX Runtime here offers {available}, not {missing}; for CUDA install onnxruntime-gpu "
             "(pip install 'compress-llm[onnx-gpu]', after uninstalling onnxruntime) with its CUDA and cuDNN libraries"
         )
-    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin), providers=providers)
     lost = [p for p in wanted if p not in session.get_providers()]
     if lost:
         raise ProviderUnavailableError(
@@ -116,7 +117,7 @@ class OnnxCausalLM:
     """A decoder exported by `compress export` (inputs input_ids, attention_mask, position_ids,
     past_key_values.{i}.key/value; outputs logits, present.{i}.key/value) and its tokenizer."""
 
-    def __init__(self, session, tokenizer, *, eos_ids: Iterable[int] = (), context_length: int | None = None, directory: Path | None = None):
+    def __init__(self, session, tokenizer, *, eos_ids: Iterable[int] = (), context_length: int | None = None, directory: Path | None = None, share_kv: bool | None = None):
         self.session = session
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(i) for i in eos_ids)
@@ -127,14 +128,18 @@ class OnnxCausalLM:
         if not self._past or not {"input_ids", "attention_mask"} <= set(inputs):
             raise RuntimeLoadError(f"{directory or 'the model'} lacks the inputs of a KV-cache decoder (input_ids, attention_mask, past_key_values.*)")
         self._has_positions = "position_ids" in inputs
+        # The fused graph's optional input (an overridable initializer): prefill computes the last logits only.
+        self._keeps_last = "num_logits_to_keep" in {i.name for i in session.get_overridable_initializers()} | set(inputs)
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
         self._past_shape = {n: inputs[n].shape for n in self._past}
         self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
         # The fused graph (compress_exporters.graph) marks that past and present may share one buffer.
-        self.kv_shareable = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
+        # `share_kv=True` asserts it for another GroupQueryAttention graph (e.g. onnxruntime-genai's builder).
+        marked = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
+        self.kv_shareable = marked if share_kv is None else bool(share_kv)
 
     @classmethod
-    def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None) -> "OnnxCausalLM":
+    def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None, share_kv: bool | None = None, spin: bool = False) -> "OnnxCausalLM":
         directory = Path(path)
         model = directory / MODEL_FILE
         if not model.is_file():
@@ -145,7 +150,16 @@ class OnnxCausalLM:
 
         tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         eos, context = _read_eos_and_context(directory)
-        return cls(create_session(model, providers, threads), tokenizer, eos_ids=eos, context_length=context, directory=directory)
+        return cls(create_session(model, providers, threads, spin), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
+
+    def _kv_dims(self, name: str) -> tuple:
+        """(batch, kv_heads, length, head_dim) of a past input; symbolic head counts or sizes (some graphs name
+        them) are read from genai_config.json."""
+        shape = list(self._past_shape[name])
+        if not all(isinstance(d, int) for d in shape[1::2]):
+            decoder = json.loads((Path(self.directory or ".") / "genai_config.json").read_text())["model"]["decoder"]
+            shape[1], shape[3] = decoder["num_key_value_heads"], decoder["head_size"]
+        return tuple(shape)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
@@ -222,6 +236,8 @@ class OnnxCausalLM:
             binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
             if self._has_positions:
                 binding.bind_cpu_input("position_ids", positions)
+            if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
+                binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
             binding.bind_output("logits", "cpu")
             cache.bind(binding)
             self.session.run_with_iobinding(binding)
@@ -242,7 +258,7 @@ class _SharedKVCache:
         ort = _ort()
         self._pairs = []
         for name in lm._past:
-            _, heads, _, dim = lm._past_shape[name]
+            _, heads, _, dim = lm._kv_dims(name)
             buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, max_length, dim), lm._past_dtype[name], "cpu", 0)
             self._pairs.append((name, name.replace("past_key_values.", "present."), buffer))
 
@@ -262,7 +278,7 @@ class _ReturnedKVCache:
     def __init__(self, lm: "OnnxCausalLM"):
         ort = _ort()
         self._names = [(name, name.replace("past_key_values.", "present.")) for name in lm._past]
-        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._past_shape[n][1], 0, lm._past_shape[n][3]), lm._past_dtype[n])) for n in lm._past]
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._kv_dims(n)[1], 0, lm._kv_dims(n)[3]), lm._past_dtype[n])) for n in lm._past]
 
     def bind(self, binding) -> None:
         for (past, present), value in zip(self._names, self._past):

@@ -194,27 +194,42 @@ class NBitsProjector:
         self._float = FloatProjector()
         self._gathers: dict[tuple[str, bytes], str] = {}
 
-    def project(self, graph, x: str, names: list[str], modules: list, out: str) -> str:
-        from compress_exporters.graph import _add_bias, _fused_name, _has_bias
+    def mlp_input_order(self, gate_up: list[str], down: str) -> np.ndarray | None:
+        """down_proj's act-order permutation when gate/up can emit their outputs in it (both GPTQ, fusable, no
+        bias), else None."""
+        weights = [self.packed.get(n) for n in gate_up]
+        w_down = self.packed.get(down)
+        if w_down is None or w_down.perm is None or any(w is None for w in weights) or not _fusable(weights):
+            return None
+        return w_down.perm
+
+    def project(self, graph, x: str, names: list[str], modules: list, out: str, *, out_perm: np.ndarray | None = None, input_ordered: bool = False) -> str:
+        """`out_perm`: write output columns in this order (each layer's own columns; MatMulNBits rows are output
+        columns, so this is a row shuffle, exact). `input_ordered`: `x` already comes in group order."""
+        from compress_exporters.graph import add_bias, fused_name, has_bias
 
         weights = [self.packed.get(n) for n in names]
+        if out_perm is not None:
+            if has_bias(modules):
+                raise ValueError(f"{names}: output reordering is only planned for bias-free layers")
+            weights = [_rows(w, out_perm) for w in weights]
         if all(w is None for w in weights):
             return self._float.project(graph, x, names, modules, out)
         if any(w is None for w in weights) or not _fusable(weights):
             parts = [self.project(graph, x, [n], [m], f"{out}.{n.rpartition('.')[2]}") for n, m in zip(names, modules)]
-            return graph.node("Concat", parts, out, name=f"{_fused_name(names)}/Concat", axis=-1)[0]
+            return graph.node("Concat", parts, out, name=f"{fused_name(names)}/Concat", axis=-1)[0]
         self.used.update(names)
         w = weights[0]
-        prefix = f"{_fused_name(names)}.MatMulNBits"
-        a = self._permuted(graph, x, w, prefix)
+        prefix = f"{fused_name(names)}.MatMulNBits"
+        a = x if input_ordered else self._permuted(graph, x, w, prefix)
         inputs = [a, graph.init(f"{prefix}.B", np.concatenate([v.B for v in weights])), graph.init(f"{prefix}.scales", np.concatenate([v.scales for v in weights]))]
         if any(v.zero_points is not None for v in weights):
             inputs.append(graph.init(f"{prefix}.zero_points", np.concatenate([_zero_points(v) for v in weights])))
         attrs = dict(K=w.K, N=sum(v.N for v in weights), bits=w.bits, block_size=w.block_size)
         if self.level:
             attrs["accuracy_level"] = self.level
-        y = graph.node("MatMulNBits", inputs, out if not _has_bias(modules) else out + "_nobias", name=f"{_fused_name(names)}/MatMulNBits", domain=MS_DOMAIN, **attrs)[0]
-        return _add_bias(graph, y, names, modules, out)
+        y = graph.node("MatMulNBits", inputs, out if not has_bias(modules) else out + "_nobias", name=f"{fused_name(names)}/MatMulNBits", domain=MS_DOMAIN, **attrs)[0]
+        return add_bias(graph, y, names, modules, out)
 
     def _permuted(self, graph, x: str, w: NBitsWeight, prefix: str) -> str:
         """Act-order: the input's columns in group order, one Gather per input and permutation."""
@@ -225,6 +240,13 @@ class NBitsProjector:
             perm = graph.init(f"{prefix}.perm", w.perm.astype(np.int64))
             self._gathers[key] = graph.node("Gather", [x, perm], f"{prefix}.input_in_group_order", name=f"{prefix}/ActOrderGather", axis=-1)[0]
         return self._gathers[key]
+
+
+def _rows(w: NBitsWeight, order: np.ndarray) -> NBitsWeight:
+    """The same weight with its output columns (MatMulNBits rows) in `order`."""
+    from dataclasses import replace
+
+    return replace(w, B=w.B[order], scales=w.scales[order], zero_points=None if w.zero_points is None else w.zero_points[order])
 
 
 def _fusable(weights: list[NBitsWeight]) -> bool:
