@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from latency_variants import make_variant  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--decode-prompt", type=int, default=32, help="prompt tokens before the timed decode")
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--quality-windows", type=int, default=8, help="perplexity windows per domain (0 = skip the quality check)")
+    p.add_argument("--quality-length", type=int, default=512)
     p.add_argument("--only", nargs="+", help="variant names to run (default all available)")
     p.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin-wait (faster on an idle machine, ruinous on a shared one)")
     p.add_argument("--out", type=Path, default=RESULTS / "export_latency")
@@ -86,98 +89,38 @@ def machine(threads: int) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(), "versions": versions}
 
 
-# ---- variants: each has prefill(ids) -> seconds and decode(ids, n) -> tokens per second -------------------
+# ---- quality: perplexity on held-out text of two domains -------------------------------------------------
 
-class TorchVariant:
-    def __init__(self, name: str, path: str, threads: int):
-        import torch
+def quality_windows(float_dir: str, work: Path, windows: int, length: int) -> dict[str, list[list[int]]]:
+    """`windows` blocks of `length` tokens per domain: in-domain (pydocs eval; GPTQ calibrates on pydocs train)
+    and far-domain (the Debian licence texts, where GPTQ's calibration helps least)."""
+    from compress import models
+    from compress.data import packed_blocks
 
-        from compress import models
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.name, self.model = name, models.load_model(path).eval()
-
-    def prefill(self, ids: list[int]) -> float:
-        with self.torch.no_grad():
-            t = time.perf_counter()
-            # logits_to_keep=1: the last position only, as generate() does (the fused ONNX graph does the same)
-            self.model(input_ids=self.torch.tensor([ids]), use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
-            return time.perf_counter() - t
-
-    def decode(self, ids: list[int], n: int) -> float:
-        with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(n):
-                out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = getattr(out, "cache", None) or out.past_key_values
-                token = out.logits[:, -1:].argmax(-1)
-            return n / (time.perf_counter() - t)
+    tokenizer = models.load_tokenizer(float_dir)
+    sources = {"pydocs": "builtin:pydocs/eval"}
+    licences = Path("/usr/share/common-licenses")
+    if licences.is_dir():
+        text = work / "licences.txt"
+        if not text.exists():
+            text.write_text("\n\n".join(p.read_text(errors="ignore") for p in sorted(licences.iterdir()) if p.is_file() and not p.is_symlink()))
+        sources["licences"] = str(text)
+    out = {}
+    for name, source in sources.items():
+        blocks = packed_blocks(source, tokenizer, seq_len=length, text_field="text", max_tokens=windows * length, cache_dir=None)
+        out[name] = blocks[:windows].tolist()
+    return out
 
 
-class OnnxVariant:
-    """compress_exporters.runtime's loop (IO binding; the shared KV buffer where the graph allows it)."""
-
-    def __init__(self, name: str, path: Path, threads: int, spin: bool, share_kv: bool | None = None):
-        from compress_exporters.runtime import OnnxCausalLM
-
-        self.name = name
-        self.lm = OnnxCausalLM.from_dir(path, threads=threads, share_kv=share_kv, spin=spin)
-
-    def prefill(self, ids: list[int]) -> float:
-        t = time.perf_counter()
-        next(self.lm._token_stream(ids, 1, _argmax))
-        return time.perf_counter() - t
-
-    def decode(self, ids: list[int], n: int) -> float:
-        stream = self.lm._token_stream(ids, n + 1, _argmax)
-        next(stream)  # the prefill, not timed
-        t = time.perf_counter()
-        count = sum(1 for _ in stream)
-        return count / (time.perf_counter() - t)
-
-
-class GenaiVariant:
-    """onnxruntime-genai's own runtime on the builder's folder."""
-
-    def __init__(self, name: str, path: Path, threads: int):
-        import onnxruntime_genai as og
-
-        self.og, self.name = og, name
-        config = og.Config(str(path))
-        # Its session options take thread counts but no config entries: spin-waiting is ORT GenAI's own choice.
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
-
-    def _generator(self, ids: list[int], new: int):
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
-        return self.og.Generator(self.model, params)
-
-    def prefill(self, ids: list[int]) -> float:
-        generator = self._generator(ids, 1)
-        t = time.perf_counter()
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        return time.perf_counter() - t
-
-    def decode(self, ids: list[int], n: int) -> float:
-        generator = self._generator(ids, n + 1)
-        generator.append_tokens(ids)
-        generator.generate_next_token()  # the token from the prefill, not timed
-        t = time.perf_counter()
-        count = 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            count += 1
-        return count / (time.perf_counter() - t)
-
-
-def _argmax(logits: np.ndarray) -> int:
-    return int(logits.argmax())
+def perplexity(variant, windows: list[list[int]]) -> float:
+    nll, count = 0.0, 0
+    for ids in windows:
+        logits = variant.logits(ids)[:-1].astype(np.float64)  # (length - 1, vocab): predicts ids[1:]
+        top = logits.max(-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+        nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        count += len(ids) - 1
+    return float(np.exp(nll / count))
 
 
 # ---- static facts: bytes read per token, size on disk ---------------------------------------------------
@@ -226,14 +169,6 @@ def child(args) -> None:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent (this big benchmark).
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
     print(int(hwm.split()[1]) / 1024)
-
-
-def make_variant(kind: str, name: str, path, args):
-    if kind == "torch":
-        return TorchVariant(name, str(path), args.threads)
-    if kind == "genai-runtime":
-        return GenaiVariant(name, Path(path), args.threads)
-    return OnnxVariant(name, Path(path), args.threads, args.spin, share_kv=True if kind == "builder" else None)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -322,6 +257,12 @@ def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth
             size_on_disk_bytes=disk,
             bandwidth_fraction=round(read * decode["median"] / bandwidth, 3),
         )
+    if args.quality_windows:
+        windows = quality_windows(float_dir, args.work, args.quality_windows, args.quality_length)
+        for name, kind, _, variant in loaded:
+            if kind != "genai-runtime":  # the same graph as builder-int4
+                rows[name]["perplexity"] = {domain: round(perplexity(variant, w), 3) for domain, w in windows.items()}
+                print(f"[{label}] {name}: perplexity {rows[name]['perplexity']}", flush=True)
     del loaded
     for name, kind, path in specs:
         rows[name]["peak_rss_mb"] = peak_rss_mb(kind, str(path), args)
@@ -341,22 +282,33 @@ def render(report: dict) -> str:
         "",
         f"Decode: {report['settings']['new_tokens']} new tokens after a {report['settings']['decode_prompt']}-token prompt, greedy; "
         f"median (p90 = the slowest tenth) over {report['settings']['repeats']} rounds, variants alternating. "
-        "Bandwidth share: weight bytes read per token x tok/s / copy bandwidth.",
+        "Bandwidth share: weight bytes read per token x tok/s / copy bandwidth. Perplexity: "
+        f"{report['settings'].get('quality_windows')} windows of {report['settings'].get('quality_length')} tokens per domain, every position's logits of one prefill "
+        "(pydocs: held-out Python docs, the GPTQ calibration domain; licences: Debian licence texts), change vs torch fp32 in brackets.",
     ]
     for label, rows in report["models"].items():
         prefill_cols = list(next(iter(rows.values()))["prefill_s"])
+        domains = list(next((r["perplexity"] for r in rows.values() if "perplexity" in r), {}))
+        float_ppl = rows.get("torch-fp32", {}).get("perplexity", {})
         lines += ["", f"## {label}", "", "| variant | decode tok/s (median / p90) | " + " | ".join(f"prefill {n} tok s (median)" for n in prefill_cols)
-                  + " | weights read / token (MB) | bandwidth share | size on disk (MB) | peak RSS (MB) | load avg |",
-                  "|---|---|" + "---|" * len(prefill_cols) + "---|---|---|---|---|"]
+                  + " | weights read / token (MB) | bandwidth share | size on disk (MB) | peak RSS (MB) | load avg | " + " | ".join(f"ppl {d}" for d in domains) + " |",
+                  "|---|---|" + "---|" * len(prefill_cols) + "---|---|---|---|---|" + "---|" * len(domains)]
         for name, row in rows.items():
             d = row["decode_tok_s"]
             loads = row["load_average"]
             lines.append(
                 f"| {name} | {d['median']:.1f} / {d['p90']:.1f} | " + " | ".join(f"{row['prefill_s'][n]['median']:.3f}" for n in prefill_cols)
                 + f" | {row['weight_bytes_per_token'] / 1e6:.1f} | {row['bandwidth_fraction']:.2f} | {row['size_on_disk_bytes'] / 1e6:.1f} | "
-                + f"{row['peak_rss_mb'] if row['peak_rss_mb'] is None else round(row['peak_rss_mb'])} | {min(loads):.1f}-{max(loads):.1f} |"
+                + f"{row['peak_rss_mb'] if row['peak_rss_mb'] is None else round(row['peak_rss_mb'])} | {min(loads):.1f}-{max(loads):.1f} | "
+                + " | ".join(_ppl_cell(row.get("perplexity", {}).get(d), float_ppl.get(d)) for d in domains) + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ppl_cell(value, reference) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ({100 * (value / reference - 1):+.1f}%)" if reference else "")
 
 
 def main(argv=None) -> int:
@@ -369,7 +321,7 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(args.threads),
         "load_average_start": list(os.getloadavg()),
-        "settings": {k: v for k, v in vars(args).items() if k in ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin")},
+        "settings": {k: v for k, v in vars(args).items() if k in ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin", "quality_windows", "quality_length")},
     }
     bandwidth = copy_bandwidth()
     report["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)

@@ -231,13 +231,14 @@ class OnnxCausalLM:
         binding = self.session.io_binding()
         tokens = np.asarray([prompt_ids], np.int64)
         positions = np.arange(n, dtype=np.int64)[None]
+        keep_last = _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
         for _ in range(budget):
             binding.bind_cpu_input("input_ids", tokens)
             binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
             if self._has_positions:
                 binding.bind_cpu_input("position_ids", positions)
             if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
-                binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
+                binding.bind_ortvalue_input("num_logits_to_keep", keep_last)
             binding.bind_output("logits", "cpu")
             cache.bind(binding)
             self.session.run_with_iobinding(binding)
