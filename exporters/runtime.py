@@ -231,21 +231,25 @@ class OnnxCausalLM:
         binding = self.session.io_binding()
         tokens = np.asarray([prompt_ids], np.int64)
         positions = np.arange(n, dtype=np.int64)[None]
-        keep_last = _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
+        # Bindings persist between runs: the shared cache and num_logits_to_keep are bound once. An output bound to
+        # a device keeps the value of the last run as a preallocated one, so outputs whose shape changes (logits,
+        # a returned cache) are bound again each step, as are the inputs that grow. Logits are bound first: outputs
+        # come back in the order of first binding.
+        binding.bind_output("logits", "cpu")
+        cache.bind(binding)
+        if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
+            binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
         for _ in range(budget):
             binding.bind_cpu_input("input_ids", tokens)
             binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
             if self._has_positions:
                 binding.bind_cpu_input("position_ids", positions)
-            if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
-                binding.bind_ortvalue_input("num_logits_to_keep", keep_last)
             binding.bind_output("logits", "cpu")
-            cache.bind(binding)
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
             token = pick(outputs[0].numpy()[0, -1].astype(np.float32))
             yield token
-            cache.advance(outputs[1:])
+            cache.advance(binding, outputs[1:])
             tokens = np.asarray([[token]], np.int64)
             positions = np.asarray([[n]], np.int64)
             n += 1
@@ -268,8 +272,8 @@ class _SharedKVCache:
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
 
-    def advance(self, present) -> None:
-        pass  # written in place
+    def advance(self, binding, present) -> None:
+        pass  # written in place, bound once
 
 
 class _ReturnedKVCache:
@@ -286,8 +290,10 @@ class _ReturnedKVCache:
             binding.bind_ortvalue_input(past, value)
             binding.bind_output(present, "cpu")
 
-    def advance(self, present) -> None:
-        self._past = list(present)
+    def advance(self, binding, present) -> None:
+        for (past, name), value in zip(self._names, present):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_output(name, "cpu")
 
 
 def _layer_order(name: str) -> tuple[int, str]:
