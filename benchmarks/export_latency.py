@@ -278,7 +278,7 @@ def render(report: dict) -> str:
         f"Load average at start {report['load_average_start']}, end {report['load_average_end']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in report["machine"]["versions"].items()) + ".",
         "",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}` (at commit {report.get('git')})",
         "",
         f"Decode: {report['settings']['new_tokens']} new tokens after a {report['settings']['decode_prompt']}-token prompt, greedy; "
         f"median (p90 = the slowest tenth) over {report['settings']['repeats']} rounds, variants alternating. "
@@ -305,6 +305,15 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _git_state() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}{' (uncommitted changes)' if dirty else ''}" or None
+
+
 def _ppl_cell(value, reference) -> str:
     if value is None:
         return "-"
@@ -319,6 +328,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git": _git_state(),
         "machine": machine(args.threads),
         "load_average_start": list(os.getloadavg()),
         "settings": {k: v for k, v in vars(args).items() if k in ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin", "quality_windows", "quality_length")},
