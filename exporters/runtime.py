@@ -24,6 +24,7 @@ from compress.errors import CompressError
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+PREFILL_CHUNK = 128
 KV_CACHE_KEY = "compress.kv_cache"  # model metadata written by compress_exporters.graph
 
 
@@ -137,6 +138,7 @@ class OnnxCausalLM:
         # `share_kv=True` asserts it for another GroupQueryAttention graph (e.g. onnxruntime-genai's builder).
         marked = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
         self.kv_shareable = marked if share_kv is None else bool(share_kv)
+        self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per run before the last chunk (shared-cache graphs); 0 = one run
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None, share_kv: bool | None = None, spin: bool = False) -> "OnnxCausalLM":
@@ -229,8 +231,6 @@ class OnnxCausalLM:
             return
         cache = _SharedKVCache(self, n + budget) if self.kv_shareable else _ReturnedKVCache(self)
         binding = self.session.io_binding()
-        tokens = np.asarray([prompt_ids], np.int64)
-        positions = np.arange(n, dtype=np.int64)[None]
         # Bindings persist between runs: the shared cache and num_logits_to_keep are bound once. An output bound to
         # a device keeps the value of the last run as a preallocated one, so outputs whose shape changes (logits,
         # a returned cache) are bound again each step, as are the inputs that grow. Logits are bound first: outputs
@@ -239,6 +239,9 @@ class OnnxCausalLM:
         cache.bind(binding)
         if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
             binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
+        done = self._prefill_chunks(binding, prompt_ids) if self.kv_shareable else 0
+        tokens = np.asarray([prompt_ids[done:]], np.int64)
+        positions = np.arange(done, n, dtype=np.int64)[None]
         for _ in range(budget):
             binding.bind_cpu_input("input_ids", tokens)
             binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
@@ -253,6 +256,24 @@ class OnnxCausalLM:
             tokens = np.asarray([[token]], np.int64)
             positions = np.asarray([[n]], np.int64)
             n += 1
+
+
+    def _prefill_chunks(self, binding, prompt_ids: list[int]) -> int:
+        """Run all but the last `prefill_chunk` tokens of a long prompt in chunks, writing the shared cache; returns
+        how many ran. GroupQueryAttention's prompt path computes every query against every key and masks the
+        upper triangle; chunk by chunk, a query only meets the keys before its chunk's end (about half the work
+        for long prompts, measured in exporters/README.md)."""
+        chunk, done = self.prefill_chunk, 0
+        while chunk and len(prompt_ids) - done > chunk:
+            end = done + chunk
+            binding.bind_cpu_input("input_ids", np.asarray([prompt_ids[done:end]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+            if self._has_positions:
+                binding.bind_cpu_input("position_ids", np.arange(done, end, dtype=np.int64)[None])
+            binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(binding)
+            done = end
+        return done
 
 
 class _SharedKVCache:

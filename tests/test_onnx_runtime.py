@@ -54,6 +54,24 @@ def test_greedy_generate_equals_transformers(exported, lm):
         assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_chunked_prefill_equals_transformers(exported, lm):
+    """A prompt longer than prefill_chunk runs in chunks through the shared cache: same tokens as one pass."""
+    from transformers import AutoModelForCausalLM
+
+    if not lm.kv_shareable:
+        pytest.skip("chunked prefill applies to graphs with a shared KV buffer (the fused graph)")
+    ids = lm.encode(PROMPTS[1] + " " + PROMPTS[0])
+    expected = AutoModelForCausalLM.from_pretrained(exported[0]).eval().generate(__import__("torch").tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    saved = lm.prefill_chunk
+    try:
+        for chunk in (0, 3, 5):
+            lm.prefill_chunk = chunk
+            assert lm.generate(ids, max_new_tokens=12, stop_tokens=[]).token_ids == expected, chunk
+    finally:
+        lm.prefill_chunk = saved
+    assert len(ids) > 10
+
+
 def test_stop_tokens_end_generation(lm):
     free = lm.generate(PROMPTS[1], max_new_tokens=12, stop_tokens=[])
     stop = free.token_ids[5]
