@@ -223,8 +223,9 @@ def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args) -> list[
     return [v for v in found if not args.only or v[0] in args.only]
 
 
-def summarize(values: list[float]) -> dict:
-    ordered = sorted(values)
+def summarize(values: list[float], *, rate: bool = False) -> dict:
+    """Median and p90 of the latency: for a rate (tok/s) the slow end is the low one, so p90 is its 10th percentile."""
+    ordered = sorted(values, reverse=rate)
     return {"median": round(statistics.median(ordered), 4), "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 4), "all": [round(v, 4) for v in values]}
 
 
@@ -249,7 +250,7 @@ def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth
     for name, kind, path, variant in loaded:
         row = rows[name]
         read, disk = torch_weight_bytes(variant.model) if kind == "torch" else onnx_weight_bytes(Path(path))
-        decode = summarize(row["decode_tok_s"])
+        decode = summarize(row["decode_tok_s"], rate=True)
         row.update(
             prefill_s={n: summarize(v) for n, v in row["prefill_s"].items()},
             decode_tok_s=decode,
@@ -281,7 +282,7 @@ def render(report: dict) -> str:
         f"Command: `{report['command']}` (at commit {report.get('git')})",
         "",
         f"Decode: {report['settings']['new_tokens']} new tokens after a {report['settings']['decode_prompt']}-token prompt, greedy; "
-        f"median (p90 = the slowest tenth) over {report['settings']['repeats']} rounds, variants alternating. "
+        f"median and p90 (the slowest tenth: tok/s at its 10th percentile, seconds at their 90th) over {report['settings']['repeats']} rounds, variants alternating. "
         "Bandwidth share: weight bytes read per token x tok/s / copy bandwidth. Perplexity: "
         f"{report['settings'].get('quality_windows')} windows of {report['settings'].get('quality_length')} tokens per domain, every position's logits of one prefill "
         "(pydocs: held-out Python docs, the GPTQ calibration domain; licences: Debian licence texts), change vs torch fp32 in brackets.",
