@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress_exporters.onnx import MODEL_FILE, ExportError, ExportResult, genai_config, model_bytes, remove_work, save_model
+from compress_exporters.onnx import LM_HEAD_BLOCK_SIZE, MODEL_FILE, ExportError, ExportResult, genai_config, model_bytes, remove_work, save_model
 from compress_exporters.validation import Tolerance, ValidationFailedError
 
 
@@ -20,6 +20,8 @@ class Source:
     local: Path | None
     format: str  # "float" or "gptq"
     quantization: dict  # config.json quantization_config ({} for float)
+    model_type: str
+    head_dim: int
 
 
 def inspect_source(model_dir, weights: str) -> Source:
@@ -58,7 +60,22 @@ def inspect_source(model_dir, weights: str) -> Source:
                 f"{model_dir} is a {bits}-bit GPTQ artifact: export it with --weights int{bits} (its weights are carried over exactly). "
                 f"For {weights}, export the float model it was quantized from"
             )
-    return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)) // heads
+    return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant, model_type=config.model_type, head_dim=int(head_dim))
+
+
+def fused_refusal(source: Source, weights: str, int8_method: str) -> str | None:
+    """Why the fused graph (compress_exporters.graph) cannot export this, or None when it can."""
+    from compress_exporters.graph import FUSED_FAMILIES
+
+    if source.model_type not in FUSED_FAMILIES:
+        return f"the fused graph covers {', '.join(FUSED_FAMILIES)}, not {source.model_type}"
+    if weights == "fp16" or (weights == "int8" and int8_method == "dynamic"):
+        return f"the fused graph exports fp32, int8 (MatMulNBits) and int4, not {weights if weights == 'fp16' else 'int8 dynamic'}"
+    if source.head_dim % 16:
+        return f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16 (this model's is {source.head_dim})"
+    return None
 
 
 def load_reference(source: Source):
@@ -99,8 +116,9 @@ def load_reference(source: Source):
     return model.eval(), nbits
 
 
-def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path):
-    """(model in the requested format, its quantization details for compress.json)."""
+def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path, *, carried: set[str] | None = None):
+    """(model in the requested format, its quantization details for compress.json). `carried`: the GPTQ layers
+    the fused graph already wrote as MatMulNBits (None: the traced graph, whose MatMuls are matched here)."""
     from compress_exporters import weights as fmt
 
     weights, lm_head, level = settings["weights"], settings["lm_head"], settings["accuracy_level"]
@@ -118,13 +136,16 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         details["method"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor"
         return fmt.quantize_int8(proto, work, exclude=[] if lm_head == "int8" else head_names), details
     if source.format == "gptq":
-        found = fmt.replace_with_nbits(proto, nbits, accuracy_level=level)
-        missing = sorted(layer for key, (layer, _) in nbits.items() if key not in found)
+        if carried is None:
+            found = fmt.replace_with_nbits(proto, nbits, accuracy_level=level)
+            missing = sorted(layer for key, (layer, _) in nbits.items() if key not in found)
+        else:
+            missing = sorted(layer for layer, _ in nbits.values() if layer not in carried)
         if missing:
             raise ExportError(f"GPTQ layers {missing[:4]} were not found as MatMuls of the exported graph; cannot carry their weights over")
-        layers = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
+        nodes = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
         act_order = sum(w.perm is not None for _, w in nbits.values())
-        details.update(method="GPTQ codes repacked into MatMulNBits", layers=layers, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
+        details.update(method="GPTQ codes repacked into MatMulNBits", layers=len(nbits), matmulnbits_nodes=nodes, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
     else:
         from compress_exporters.onnx import NBITS_BLOCK_SIZE
 
@@ -133,7 +154,7 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
     if lm_head == "int8" and head is not None and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
-        proto = fmt.quantize_nbits(proto, bits=8, block_size=32, accuracy_level=level, include=head_names)
+        proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=level, include=head_names)
     return proto, details
 
 
@@ -161,9 +182,15 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
         work = tmp / ".work"
         work.mkdir()
         t0 = time.perf_counter()
-        opset = export_decoder(model, work / "decoder.onnx", layout, exporter=settings["exporter"], opset=settings["opset"])
+        fused = None
+        if settings["exporter"] == "fused":
+            proto, fused, carried = _fused_graph(model, source, settings, nbits)
+            opset = proto.opset_import[0].version
+        else:
+            opset = export_decoder(model, work / "decoder.onnx", layout, exporter=settings["exporter"], opset=settings["opset"])
+            proto, carried = onnx.load(str(work / "decoder.onnx")), None
         export_s = time.perf_counter() - t0
-        proto, quant_details = apply_weights(onnx.load(str(work / "decoder.onnx")), source, settings, nbits, work)
+        proto, quant_details = apply_weights(proto, source, settings, nbits, work, carried=carried)
         ops = op_counts(proto)
         save_model(proto, tmp)
         del proto
@@ -193,7 +220,7 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
         if generation:
             model.generation_config.save_pretrained(tmp)
         provider = "cuda" if settings["device"] == "cuda" else None
-        write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider))
+        write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider, share_buffer=settings["exporter"] == "fused"))
         sizes = {"model_bytes": model_bytes(tmp), "source_weight_bytes": sum(p.stat().st_size for p in source.local.glob("*.safetensors")) if source.local else 0}
         record = ArtifactRecord(
             stage="export",
@@ -203,12 +230,25 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
             device={**device_info(settings["device"] if torch.cuda.is_available() else "cpu"), "onnxruntime_providers": used_providers},
             wall_time_s=time.perf_counter() - start,
             extra={
-                "onnx": {"opset": opset, "exporter": settings["exporter"], "source_format": source.format, "source_quantization": source.quantization or None, "weights": quant_details, "ops": ops, "kv_cache": vars(layout), "versions": _onnx_versions()},
+                "onnx": {"opset": opset, "exporter": settings["exporter"], "source_format": source.format, "source_quantization": source.quantization or None, "weights": quant_details, "ops": ops, "kv_cache": vars(layout), "fused_projections": fused, "versions": _onnx_versions()},
                 "notes": notes,
             },
         ).to_json()
         write_json_atomic(tmp / RECORD_FILE, record)
     return ExportResult(artifact=output, weights=settings["weights"], source_format=source.format, validation=validation, sizes=sizes, notes=tuple(notes), record=record)
+
+
+def _fused_graph(model, source: Source, settings: dict, nbits: dict):
+    """(fused fp32/GPTQ graph, {fused projection: torch layers}, GPTQ layers carried or None for a float source)."""
+    from compress_exporters.graph import FloatProjector, build_fused_decoder
+    from compress_exporters.weights import NBitsProjector
+
+    if source.format != "gptq":
+        proto, fused = build_fused_decoder(model, projector=FloatProjector())
+        return proto, fused, None
+    projector = NBitsProjector({layer: packed for layer, packed in nbits.values()}, accuracy_level=settings["accuracy_level"])
+    proto, fused = build_fused_decoder(model, projector=projector)
+    return proto, fused, projector.used
 
 
 def _onnx_versions() -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from compress.errors import CompressError
-from compress_exporters.decoder import EXPORTERS
+from compress_exporters.decoder import EXPORTERS as TORCH_EXPORTERS
 from compress_exporters.validation import DEFAULT_PROMPTS, ValidationFailedError, Tolerance
 
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
@@ -26,8 +26,16 @@ NBITS_BLOCK_SIZE = 32  # float -> int4/int8: ONNX Runtime's MatMulNBits quantize
 # MatMulNBits accuracy_level 4 = int8 activations inside the kernel (the fast CPU path, what onnxruntime-genai
 # uses). Measured on SmolLM2-135M int4: top-1 agreement with float 0.667 at level 4 vs 0.661 at level 0.
 DEFAULT_ACCURACY_LEVEL = 4
+# The 8-bit LM head (the largest single weight of a small model, read whole every decoded token): blocks of
+# 128 carry a quarter of the scales of blocks of 32 (1.03 vs 1.125 bytes per weight); 8 bits leave the rounding
+# error far below the 4-bit layers' either way.
+LM_HEAD_BLOCK_SIZE = 128
+FUSED_OPSET = 23  # compress_exporters.graph.OPSET, repeated so that importing this module stays light
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to model.onnx.data (protobuf caps at 2 GB)
 MODEL_FILE = "model.onnx"
+# "fused": the graph written from the weights (compress_exporters.graph: GroupQueryAttention, fused norms and
+# projections), the fast one; "auto" takes it for the families and formats it covers, else torch.onnx dynamo.
+EXPORTERS = ("auto", "fused", *TORCH_EXPORTERS)
 
 # Per-format bars for export-time validation (logits of the ONNX model vs its torch reference, see
 # validation.py). fp32 and GPTQ weights at accuracy_level 0 are numerically the torch model; the quantized
@@ -72,7 +80,7 @@ def export_onnx(
     accuracy_level: int | None = None,
     overwrite: bool = False,
     validate_prompts: Sequence[str] | None = None,
-    exporter: str = "dynamo",
+    exporter: str = "auto",
     lm_head: str | None = None,
     int8_method: str = "nbits",
     threads: int | None = None,
@@ -95,7 +103,7 @@ def export_onnx(
         _check_choice("lm_head", lm_head, LM_HEAD)
         if weights in ("fp32", "fp16") and lm_head != "float":
             raise ExportError(f"lm_head={lm_head!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
-    ort = _require_onnx(exporter)
+    ort = _require_onnx("fused")  # onnxscript is checked once the exporter is resolved
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise ExportError(
@@ -111,6 +119,14 @@ def export_onnx(
     from compress_exporters import build
 
     source = build.inspect_source(model_dir, weights)
+    refusal = build.fused_refusal(source, weights, int8_method)
+    if exporter == "fused" and refusal:
+        raise ExportError(f"exporter='fused': {refusal}; use exporter='dynamo' or 'legacy'")
+    if exporter == "fused" and opset is not None:
+        raise ExportError(f"opset applies to the torch.onnx exporters; the fused graph is written at opset {FUSED_OPSET}")
+    if exporter == "auto":
+        exporter = "dynamo" if (refusal or opset is not None) else "fused"
+    _require_onnx(exporter)
     dynamic = weights == "int8" and source.format == "float" and int8_method == "dynamic"
     nbits_format = weights == "int4" or (weights == "int8" and not dynamic)
     if accuracy_level is not None and (not nbits_format or accuracy_level not in (0, 1, 2, 3, 4)):
@@ -152,9 +168,10 @@ def _require_onnx(exporter: str):
     return onnxruntime
 
 
-def genai_config(config: dict, generation: dict, *, num_layers: int, num_kv_heads: int, head_dim: int, provider: str | None) -> dict:
-    """genai_config.json for onnxruntime-genai (the layout its model builder writes), for a model without
-    shared past/present buffers: ORT GenAI feeds each step's present.* back as past_key_values.*."""
+def genai_config(config: dict, generation: dict, *, num_layers: int, num_kv_heads: int, head_dim: int, provider: str | None, share_buffer: bool = False) -> dict:
+    """genai_config.json for onnxruntime-genai (the layout its model builder writes). `share_buffer`: the fused
+    graph's GroupQueryAttention updates one max-length KV buffer in place (ORT GenAI binds past and present to
+    it); otherwise ORT GenAI feeds each step's present.* back as past_key_values.*."""
     eos = _value(generation, "eos_token_id", config.get("eos_token_id"))
     pad = _value(generation, "pad_token_id", config.get("pad_token_id"))
     if pad is None:
@@ -197,7 +214,7 @@ def genai_config(config: dict, generation: dict, *, num_layers: int, num_kv_head
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": float(_value(generation, "repetition_penalty", 1.0)),
             "temperature": float(_value(generation, "temperature", 1.0)),
             "top_k": int(_value(generation, "top_k", 50)),

@@ -6,8 +6,10 @@ tokenizers, json). For apps that ship a model made by `compress export`:
     print(lm.generate("The capital of France is", max_new_tokens=20).text)
     for piece in lm.stream("Once upon a time", max_new_tokens=50): print(piece, end="", flush=True)
 
-Generation prefills the prompt with an empty KV cache, then feeds one token per step with the cache the
-previous step returned.
+Generation prefills the prompt with an empty KV cache, then feeds one token per step. Inputs and outputs go
+through an IO binding: the fused graph's KV cache is one preallocated buffer per layer that GroupQueryAttention
+updates in place (past and present bound to the same memory); other graphs get their returned cache back as
+OrtValues, never copied through numpy.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from compress.errors import CompressError
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+PREFILL_CHUNK = 128
+KV_CACHE_KEY = "compress.kv_cache"  # model metadata written by compress_exporters.graph
 
 
 class RuntimeLoadError(CompressError, ValueError):
@@ -40,18 +44,19 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None):
-    """Threads pinned when given, and no spin-waiting: a spinning pool starves other work on a small CPU."""
+def session_options(threads: int | None = None, spin: bool = False):
+    """Threads pinned when given, and no spin-waiting by default: a spinning pool starves other work on a small
+    CPU. `spin=True` saves the thread wake-ups between ops (lower latency on a machine with nothing else to run)."""
     ort = _ort()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
-def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None):
+def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None, spin: bool = False):
     """An InferenceSession that really runs on `providers` (default CPU). ONNX Runtime quietly falls back to
     CPU when e.g. CUDA libraries are missing; here that is an error naming what was asked and what was got."""
     ort = _ort()
@@ -64,7 +69,7 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             f"ONNX Runtime here offers {available}, not {missing}; for CUDA install onnxruntime-gpu "
             "(pip install 'compress-llm[onnx-gpu]', after uninstalling onnxruntime) with its CUDA and cuDNN libraries"
         )
-    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin), providers=providers)
     lost = [p for p in wanted if p not in session.get_providers()]
     if lost:
         raise ProviderUnavailableError(
@@ -113,7 +118,7 @@ class OnnxCausalLM:
     """A decoder exported by `compress export` (inputs input_ids, attention_mask, position_ids,
     past_key_values.{i}.key/value; outputs logits, present.{i}.key/value) and its tokenizer."""
 
-    def __init__(self, session, tokenizer, *, eos_ids: Iterable[int] = (), context_length: int | None = None, directory: Path | None = None):
+    def __init__(self, session, tokenizer, *, eos_ids: Iterable[int] = (), context_length: int | None = None, directory: Path | None = None, share_kv: bool | None = None):
         self.session = session
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(i) for i in eos_ids)
@@ -124,12 +129,19 @@ class OnnxCausalLM:
         if not self._past or not {"input_ids", "attention_mask"} <= set(inputs):
             raise RuntimeLoadError(f"{directory or 'the model'} lacks the inputs of a KV-cache decoder (input_ids, attention_mask, past_key_values.*)")
         self._has_positions = "position_ids" in inputs
+        # The fused graph's optional input (an overridable initializer): prefill computes the last logits only.
+        self._keeps_last = "num_logits_to_keep" in {i.name for i in session.get_overridable_initializers()} | set(inputs)
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
         self._past_shape = {n: inputs[n].shape for n in self._past}
         self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
+        # The fused graph (compress_exporters.graph) marks that past and present may share one buffer.
+        # `share_kv=True` asserts it for another GroupQueryAttention graph (e.g. onnxruntime-genai's builder).
+        marked = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
+        self.kv_shareable = marked if share_kv is None else bool(share_kv)
+        self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per run before the last chunk (shared-cache graphs); 0 = one run
 
     @classmethod
-    def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None) -> "OnnxCausalLM":
+    def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None, share_kv: bool | None = None, spin: bool = False) -> "OnnxCausalLM":
         directory = Path(path)
         model = directory / MODEL_FILE
         if not model.is_file():
@@ -140,7 +152,16 @@ class OnnxCausalLM:
 
         tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         eos, context = _read_eos_and_context(directory)
-        return cls(create_session(model, providers, threads), tokenizer, eos_ids=eos, context_length=context, directory=directory)
+        return cls(create_session(model, providers, threads, spin), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
+
+    def _kv_dims(self, name: str) -> tuple:
+        """(batch, kv_heads, length, head_dim) of a past input; symbolic head counts or sizes (some graphs name
+        them) are read from genai_config.json."""
+        shape = list(self._past_shape[name])
+        if not all(isinstance(d, int) for d in shape[1::2]):
+            decoder = json.loads((Path(self.directory or ".") / "genai_config.json").read_text())["model"]["decoder"]
+            shape[1], shape[3] = decoder["num_key_value_heads"], decoder["head_size"]
+        return tuple(shape)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
@@ -206,20 +227,94 @@ class OnnxCausalLM:
     def _token_stream(self, prompt_ids: list[int], max_new_tokens: int, pick: Callable[[np.ndarray], int]) -> Iterator[int]:
         n = len(prompt_ids)
         budget = max_new_tokens if self.context_length is None else min(max_new_tokens, self.context_length - n)
-        feeds = {"input_ids": np.asarray([prompt_ids], np.int64)}
-        feeds.update({name: np.zeros((1, shape[1], 0, shape[3]), self._past_dtype[name]) for name, shape in self._past_shape.items()})
-        positions = np.arange(n, dtype=np.int64)[None]
+        if budget <= 0:
+            return
+        cache = _SharedKVCache(self, n + budget) if self.kv_shareable else _ReturnedKVCache(self)
+        binding = self.session.io_binding()
+        # Bindings persist between runs: the shared cache and num_logits_to_keep are bound once. An output bound to
+        # a device keeps the value of the last run as a preallocated one, so outputs whose shape changes (logits,
+        # a returned cache) are bound again each step, as are the inputs that grow. Logits are bound first: outputs
+        # come back in the order of first binding.
+        binding.bind_output("logits", "cpu")
+        cache.bind(binding)
+        if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
+            binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
+        done = self._prefill_chunks(binding, prompt_ids) if self.kv_shareable else 0
+        tokens = np.asarray([prompt_ids[done:]], np.int64)
+        positions = np.arange(done, n, dtype=np.int64)[None]
         for _ in range(budget):
-            feeds["attention_mask"] = np.ones((1, n), np.int64)
+            binding.bind_cpu_input("input_ids", tokens)
+            binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
             if self._has_positions:
-                feeds["position_ids"] = positions
-            logits, *present = self.session.run(self._outputs, feeds)
-            token = pick(logits[0, -1].astype(np.float32))
+                binding.bind_cpu_input("position_ids", positions)
+            binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
+            token = pick(outputs[0].numpy()[0, -1].astype(np.float32))
             yield token
-            feeds = dict(zip(self._past, present))
-            feeds["input_ids"] = np.asarray([[token]], np.int64)
+            cache.advance(binding, outputs[1:])
+            tokens = np.asarray([[token]], np.int64)
             positions = np.asarray([[n]], np.int64)
             n += 1
+
+
+    def _prefill_chunks(self, binding, prompt_ids: list[int]) -> int:
+        """Run all but the last `prefill_chunk` tokens of a long prompt in chunks, writing the shared cache; returns
+        how many ran. GroupQueryAttention's prompt path computes every query against every key and masks the
+        upper triangle; chunk by chunk, a query only meets the keys before its chunk's end (about half the work
+        for long prompts, measured in exporters/README.md)."""
+        chunk, done = self.prefill_chunk, 0
+        while chunk and len(prompt_ids) - done > chunk:
+            end = done + chunk
+            binding.bind_cpu_input("input_ids", np.asarray([prompt_ids[done:end]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+            if self._has_positions:
+                binding.bind_cpu_input("position_ids", np.arange(done, end, dtype=np.int64)[None])
+            binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(binding)
+            done = end
+        return done
+
+
+class _SharedKVCache:
+    """One preallocated buffer per past tensor, bound as both past_key_values.* and present.*: the fused graph's
+    GroupQueryAttention writes each step's keys and values in place, so nothing is copied between steps."""
+
+    def __init__(self, lm: "OnnxCausalLM", max_length: int):
+        ort = _ort()
+        self._pairs = []
+        for name in lm._past:
+            _, heads, _, dim = lm._kv_dims(name)
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, max_length, dim), lm._past_dtype[name], "cpu", 0)
+            self._pairs.append((name, name.replace("past_key_values.", "present."), buffer))
+
+    def bind(self, binding) -> None:
+        for past, present, buffer in self._pairs:
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+    def advance(self, binding, present) -> None:
+        pass  # written in place, bound once
+
+
+class _ReturnedKVCache:
+    """A graph whose present.* is a new tensor (past + this step): each step's present OrtValues are bound as
+    the next step's past, without passing through numpy."""
+
+    def __init__(self, lm: "OnnxCausalLM"):
+        ort = _ort()
+        self._names = [(name, name.replace("past_key_values.", "present.")) for name in lm._past]
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._kv_dims(n)[1], 0, lm._kv_dims(n)[3]), lm._past_dtype[n])) for n in lm._past]
+
+    def bind(self, binding) -> None:
+        for (past, present), value in zip(self._names, self._past):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_output(present, "cpu")
+
+    def advance(self, binding, present) -> None:
+        for (past, name), value in zip(self._names, present):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_output(name, "cpu")
 
 
 def _layer_order(name: str) -> tuple[int, str]:

@@ -177,3 +177,88 @@ def replace_with_nbits(model: onnx.ModelProto, weights: dict[str, tuple[str, NBi
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     remove_unused(model)
     return replaced
+
+
+class NBitsProjector:
+    """GPTQ layers straight into the fused graph (`compress_exporters.graph`): layers that read the same input
+    (q/k/v, gate/up) become one MatMulNBits when they share bits, block size and act-order permutation (GPTQ
+    sorts columns by the Hessian of the shared input, so they do), else one each and a Concat. Layers without
+    GPTQ weights stay float MatMuls."""
+
+    def __init__(self, packed: dict[str, NBitsWeight], *, accuracy_level: int | None):
+        from compress_exporters.graph import FloatProjector
+
+        self.packed = packed
+        self.level = accuracy_level
+        self.used: set[str] = set()
+        self._float = FloatProjector()
+        self._gathers: dict[tuple[str, bytes], str] = {}
+
+    def mlp_input_order(self, gate_up: list[str], down: str) -> np.ndarray | None:
+        """down_proj's act-order permutation when gate/up can emit their outputs in it (both GPTQ, fusable, no
+        bias), else None."""
+        weights = [self.packed.get(n) for n in gate_up]
+        w_down = self.packed.get(down)
+        if w_down is None or w_down.perm is None or any(w is None for w in weights) or not _fusable(weights):
+            return None
+        return w_down.perm
+
+    def project(self, graph, x: str, names: list[str], modules: list, out: str, *, out_perm: np.ndarray | None = None, input_ordered: bool = False) -> str:
+        """`out_perm`: write output columns in this order (each layer's own columns; MatMulNBits rows are output
+        columns, so this is a row shuffle, exact). `input_ordered`: `x` already comes in group order."""
+        from compress_exporters.graph import add_bias, fused_name, has_bias
+
+        weights = [self.packed.get(n) for n in names]
+        if out_perm is not None:
+            if has_bias(modules):
+                raise ValueError(f"{names}: output reordering is only planned for bias-free layers")
+            weights = [_rows(w, out_perm) for w in weights]
+        if all(w is None for w in weights):
+            return self._float.project(graph, x, names, modules, out)
+        if any(w is None for w in weights) or not _fusable(weights):
+            parts = [self.project(graph, x, [n], [m], f"{out}.{n.rpartition('.')[2]}") for n, m in zip(names, modules)]
+            return graph.node("Concat", parts, out, name=f"{fused_name(names)}/Concat", axis=-1)[0]
+        self.used.update(names)
+        w = weights[0]
+        prefix = f"{fused_name(names)}.MatMulNBits"
+        a = x if input_ordered else self._permuted(graph, x, w, prefix)
+        inputs = [a, graph.init(f"{prefix}.B", np.concatenate([v.B for v in weights])), graph.init(f"{prefix}.scales", np.concatenate([v.scales for v in weights]))]
+        if any(v.zero_points is not None for v in weights):
+            inputs.append(graph.init(f"{prefix}.zero_points", np.concatenate([_zero_points(v) for v in weights])))
+        attrs = dict(K=w.K, N=sum(v.N for v in weights), bits=w.bits, block_size=w.block_size)
+        if self.level:
+            attrs["accuracy_level"] = self.level
+        y = graph.node("MatMulNBits", inputs, out if not has_bias(modules) else out + "_nobias", name=f"{fused_name(names)}/MatMulNBits", domain=MS_DOMAIN, **attrs)[0]
+        return add_bias(graph, y, names, modules, out)
+
+    def _permuted(self, graph, x: str, w: NBitsWeight, prefix: str) -> str:
+        """Act-order: the input's columns in group order, one Gather per input and permutation."""
+        if w.perm is None:
+            return x
+        key = (x, w.perm.tobytes())
+        if key not in self._gathers:
+            perm = graph.init(f"{prefix}.perm", w.perm.astype(np.int64))
+            self._gathers[key] = graph.node("Gather", [x, perm], f"{prefix}.input_in_group_order", name=f"{prefix}/ActOrderGather", axis=-1)[0]
+        return self._gathers[key]
+
+
+def _rows(w: NBitsWeight, order: np.ndarray) -> NBitsWeight:
+    """The same weight with its output columns (MatMulNBits rows) in `order`."""
+    from dataclasses import replace
+
+    return replace(w, B=w.B[order], scales=w.scales[order], zero_points=None if w.zero_points is None else w.zero_points[order])
+
+
+def _fusable(weights: list[NBitsWeight]) -> bool:
+    first = weights[0]
+    same_perm = all((w.perm is None) == (first.perm is None) and (w.perm is None or np.array_equal(w.perm, first.perm)) for w in weights)
+    return same_perm and all((w.K, w.bits, w.block_size) == (first.K, first.bits, first.block_size) for w in weights)
+
+
+def _zero_points(w: NBitsWeight) -> np.ndarray:
+    """Packed zero points, the implicit default (2**(bits-1)) written out when a layer has none."""
+    from compress_exporters.matmulnbits import pack_along_last
+
+    if w.zero_points is not None:
+        return w.zero_points
+    return pack_along_last(np.full((w.N, w.k_blocks), 1 << (w.bits - 1), np.uint8), w.bits)

@@ -20,12 +20,16 @@ ROOT = Path(__file__).parents[1]
 PROMPTS = ["The module", "Python is a programming language that lets you work quickly and"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("runtime")
-    model_dir = save_tiny(root / "llama", "llama", tokenizer_dir, layers=2, train_steps=30)
-    # The legacy exporter is fast; the graph's interface is the same with dynamo (tests/test_export.py).
-    export_onnx(model_dir, root / "onnx", exporter="legacy")
+@pytest.fixture(scope="module", params=["legacy", "fused"])
+def exported(request, tmp_path_factory, tokenizer_dir):
+    """Both graphs the runtime meets: a traced one (present = past + step, returned every step) and the fused one
+    (GroupQueryAttention updating one shared KV buffer in place). The legacy exporter is fast; the traced
+    graph's interface is the same with dynamo (tests/test_export.py)."""
+    root = tmp_path_factory.mktemp(f"runtime-{request.param}")
+    # GroupQueryAttention needs a head size that is a multiple of 16: 64 wide, 4 heads.
+    wide = {"hidden_size": 64, "intermediate_size": 128} if request.param == "fused" else {}
+    model_dir = save_tiny(root / "llama", "llama", tokenizer_dir, layers=2, train_steps=30, **wide)
+    export_onnx(model_dir, root / "onnx", exporter=request.param)
     return model_dir, root / "onnx"
 
 
@@ -48,6 +52,24 @@ def test_greedy_generate_equals_transformers(exported, lm):
         assert result.token_ids == expected and len(expected) > 5
         assert result.prompt_ids == ids[0].tolist()
         assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_chunked_prefill_equals_transformers(exported, lm):
+    """A prompt longer than prefill_chunk runs in chunks through the shared cache: same tokens as one pass."""
+    from transformers import AutoModelForCausalLM
+
+    if not lm.kv_shareable:
+        pytest.skip("chunked prefill applies to graphs with a shared KV buffer (the fused graph)")
+    ids = lm.encode(PROMPTS[1] + " " + PROMPTS[0])
+    expected = AutoModelForCausalLM.from_pretrained(exported[0]).eval().generate(__import__("torch").tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    saved = lm.prefill_chunk
+    try:
+        for chunk in (0, 3, 5):
+            lm.prefill_chunk = chunk
+            assert lm.generate(ids, max_new_tokens=12, stop_tokens=[]).token_ids == expected, chunk
+    finally:
+        lm.prefill_chunk = saved
+    assert len(ids) > 10
 
 
 def test_stop_tokens_end_generation(lm):
@@ -85,6 +107,11 @@ def test_generate_takes_token_ids_and_respects_context_length(exported):
     assert len(lm.generate(ids, max_new_tokens=50, stop_tokens=[]).token_ids) == 3
 
 
+def test_fused_folder_shares_its_kv_buffer(exported, lm):
+    fused = json.loads((exported[1] / "compress.json").read_text())["recipe"]["export"]["exporter"] == "fused"
+    assert lm.kv_shareable == fused
+
+
 def test_session_threads_and_no_spinning(lm):
     options = lm.session.get_session_options()
     assert options.intra_op_num_threads == 1
@@ -100,7 +127,7 @@ def test_external_data_folder_loads(tmp_path, exported, monkeypatch, lm):
     import compress_exporters.onnx as exporter
 
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # as for models over 1 GiB
-    out = export_onnx(exported[0], tmp_path / "onnx", exporter="legacy", weights="int4").artifact
+    out = export_onnx(exported[0], tmp_path / "onnx", weights="int4").artifact
     assert (out / "model.onnx.data").stat().st_size > 50_000  # the weights left model.onnx
     result = OnnxCausalLM.from_dir(out).generate(PROMPTS[1], max_new_tokens=8, stop_tokens=[])
     assert len(result.token_ids) == 8

@@ -1,0 +1,291 @@
+"""The fused decoder graph for Llama-like families (llama, mistral, qwen2, qwen3), written directly from the
+weights instead of traced through torch.onnx: the ops ONNX Runtime has fast CPU kernels for, the same ones
+onnxruntime-genai's model builder emits.
+
+Per layer: `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (RMSNorm, with the residual add
+fused in), one projection for q/k/v and one for gate/up (one MatMulNBits each when quantized),
+`GroupQueryAttention` (com.microsoft) with the rotary embedding inside (`do_rotary`, cos/sin caches taken from
+the model's own rotary module, so any rope scaling it implements is carried) and the KV cache in BNSH.
+
+    proto, fused = build_fused_decoder(model, projector=FloatProjector())
+
+Inputs and outputs are the folder's usual ones (`decoder.py`): input_ids, attention_mask, position_ids,
+past_key_values.{i}.key/value -> logits, present.{i}.key/value. Two things differ from the traced graph:
+
+- Positions come from the cache: GroupQueryAttention rotates query `s` at `past_length + s`, where every
+  column of the attention mask counts (`position_ids` is accepted but not read). Rotary attention depends only
+  on the distance between positions, and a left-padded row is shifted by the same padding for all its keys
+  and queries, so its valid positions get exactly the scores the torch model gives them.
+- Padding is masked by an additive attention bias built from the mask (finfo.min on padded keys): GQA's own
+  `seqlens_k` assumes right padding, so every row is declared full (`seqlens_k = T - 1`) and the bias hides
+  the padded keys. Padded query rows produce finite, meaningless logits (torch's are meaningless too).
+
+Past and present may be one buffer (GroupQueryAttention writes the new keys in place when past_key and
+present_key are the same tensor): `runtime.OnnxCausalLM` binds them so, with a past of the maximum length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MS_DOMAIN = "com.microsoft"
+WINDOW_OFFSET = 1
+OPSET = 23  # RMSNormalization (the first norm, which has no residual to fuse) is standard ONNX from opset 23
+KEEP_INPUT = "num_logits_to_keep"  # optional int64 scalar input: logits for the last N positions only (0 = all)
+KV_CACHE_METADATA = {"compress.kv_cache": "gqa-shareable"}  # the runtime binds past and present to one buffer
+
+
+class Projector(Protocol):
+    """Emits y = x @ concat(W_i.T) (+ bias) for linear layers that read the same input."""
+
+    def project(self, graph: "GraphWriter", x: str, names: list[str], modules: list, out: str) -> str: ...
+
+
+class GraphWriter:
+    """Collects nodes and initializers; names are unique per call site."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # ascontiguousarray makes scalars 1-d
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small shared constant (shapes, axes, scalars)."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", array)
+        return self._consts[key]
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, *, name: str, domain: str = "", **attrs) -> list[str]:
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+class FloatProjector:
+    """fp32 MatMul over the concatenated weights (ONNX Runtime's MatMulNBits quantizer can quantize them later:
+    quantizing a fused weight per column block is quantizing each part)."""
+
+    def project(self, graph: GraphWriter, x: str, names: list[str], modules: list, out: str) -> str:
+        W = np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)  # (K, N)
+        y = graph.node("MatMul", [x, graph.init(f"{fused_name(names)}.weight", W)], out if not has_bias(modules) else out + "_nobias", name=f"{fused_name(names)}/MatMul")[0]
+        return add_bias(graph, y, names, modules, out)
+
+
+def fused_name(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    parent = names[0].rpartition(".")[0]
+    suffix = "_".join(n.rpartition(".")[2].removesuffix("_proj") for n in names)
+    return f"{parent}.{suffix}_proj"
+
+
+def has_bias(modules) -> bool:
+    return any(getattr(m, "bias", None) is not None for m in modules)
+
+
+def add_bias(graph: GraphWriter, y: str, names: list[str], modules: list, out: str) -> str:
+    if not has_bias(modules):
+        return y
+    b = np.concatenate([(m.bias.detach().float().numpy() if m.bias is not None else np.zeros(m.out_features, np.float32)) for m in modules])
+    return graph.node("Add", [y, graph.init(f"{fused_name(names)}.bias", b)], out, name=f"{fused_name(names)}/BiasAdd")[0]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    model_type: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    scale: float
+    windows: tuple[int, ...]  # GroupQueryAttention local_window_size per layer (-1 = full attention)
+    qk_norm: bool
+
+
+def decoder_spec(model) -> DecoderSpec:
+    config = model.config
+    layers = model.model.layers
+    attn = layers[0].self_attn
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    window = getattr(config, "sliding_window", None)
+    # Without per-layer types a configured window applies to every layer (Mistral); Qwen2 clears its window
+    # when use_sliding_window is off.
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(layers)
+    # local_window_size = the config's window: the same keys as torch's sliding mask (checked on a window of 4).
+    windows = tuple(window if (window and kind == "sliding_attention") else -1 for kind in types)
+    return DecoderSpec(
+        model_type=config.model_type,
+        num_layers=len(layers),
+        hidden=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        eps=float(config.rms_norm_eps),
+        scale=float(getattr(attn, "scaling", head_dim**-0.5)),
+        windows=windows,
+        qk_norm=hasattr(attn, "q_norm"),
+    )
+
+
+def rotary_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(length, rotary_dim / 2) cos and sin from the model's own rotary module (rope scaling included)."""
+    import torch
+
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(x, torch.arange(length)[None])
+    if cos.shape[-1] != head_dim:
+        raise ValueError(f"rotary dimension {cos.shape[-1]} != head size {head_dim}: partial rotary is not written by the fused graph; export with exporter='dynamo'")
+    half = cos.shape[-1] // 2
+    # HF's rotate_half layout: cos = cat(freqs, freqs).cos(); GroupQueryAttention takes the first half.
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def build_fused_decoder(model, *, projector: Projector, context_length: int | None = None) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """(fp32 fused decoder graph, {fused projection: the torch layers it holds})."""
+    from compress_exporters.decoder import input_names, output_names
+
+    spec = decoder_spec(model)
+    g = GraphWriter()
+    fused: dict[str, list[str]] = {}
+    length = int(context_length or getattr(model.config, "max_position_embeddings", 0) or 4096)
+    cos, sin = rotary_caches(model, length, spec.head_dim)
+    g.init("cos_cache", cos)
+    g.init("sin_cache", sin)
+    seqlens, total, bias, seq = _mask_inputs(g)
+
+    embed = model.model.embed_tokens.weight.detach().float().numpy()
+    x = g.node("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], "embeddings", name="embed_tokens/Gather")[0]
+    residual, pending = x, None  # `pending` is the last block's output, added to the residual by the next norm
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        normed, residual = _norm(g, f"{prefix}.input_layernorm", layer.input_layernorm, residual, pending, spec.eps)
+        attn = layer.self_attn
+        qkv_names = [f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        qkv = projector.project(g, normed, qkv_names, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.self_attn.qkv")
+        fused[fused_name(qkv_names)] = qkv_names
+        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        gqa_inputs = [qkv, "", "", *past, seqlens, total, "cos_cache", "sin_cache", "", bias]
+        attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=spec.scale, local_window_size=spec.windows[i])
+        if spec.qk_norm:
+            gqa_inputs[:3] = _qk_norm(g, f"{prefix}.self_attn", qkv, attn, spec)
+        context = g.node("GroupQueryAttention", gqa_inputs, [f"{prefix}.self_attn.context", f"present.{i}.key", f"present.{i}.value"], name=f"{prefix}.self_attn/GroupQueryAttention", domain=MS_DOMAIN, **attrs)[0]
+        o_name = f"{prefix}.self_attn.o_proj"
+        pending = projector.project(g, context, [o_name], [attn.o_proj], f"{o_name}.out")
+        normed, residual = _norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, residual, pending, spec.eps)
+        mlp = layer.mlp
+        gu_names = [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"]
+        down = f"{prefix}.mlp.down_proj"
+        # An act-order down_proj reads its input in group order: gate/up can write their outputs in that order
+        # (SwiGLU is elementwise), which saves a Gather per layer.
+        order = projector.mlp_input_order(gu_names, down) if hasattr(projector, "mlp_input_order") else None
+        gate_up = projector.project(g, normed, gu_names, [mlp.gate_proj, mlp.up_proj], f"{prefix}.mlp.gate_up", **({"out_perm": order} if order is not None else {}))
+        fused[fused_name(gu_names)] = gu_names
+        act = _swiglu(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features)
+        pending = projector.project(g, act, [down], [mlp.down_proj], f"{down}.out", **({"input_ordered": True} if order is not None else {}))
+    normed, _ = _norm(g, "model.norm", model.model.norm, residual, pending, spec.eps)
+    normed = _keep_last(g, normed, seq)
+    head = model.lm_head.weight.detach().float().numpy().T  # (hidden, vocab); a tied head gets its own copy
+    g.node("MatMul", [normed, g.init("lm_head.weight", np.ascontiguousarray(head))], "logits", name="lm_head/MatMul")
+    return _model(g, spec, input_names(spec.num_layers), output_names(spec.num_layers)), fused
+
+
+def _weight(module) -> np.ndarray:
+    return module.weight.detach().float().numpy()
+
+
+def _norm(g: GraphWriter, name: str, module, residual: str, pending: str | None, eps: float) -> tuple[str, str]:
+    """RMSNorm of residual (+ pending): (normalized, new residual)."""
+    gamma = g.init(f"{name}.weight", _weight(module))
+    if pending is None:
+        # ONNX Runtime's SimplifiedLayerNormalization is not a schema onnx.checker knows; RMSNormalization is.
+        out = g.node("RMSNormalization", [residual, gamma], f"{name}.out", name=f"{name}/RMSNormalization", axis=-1, epsilon=eps, stash_type=1)[0]
+        return out, residual
+    outs = g.node("SkipSimplifiedLayerNormalization", [pending, residual, gamma], [f"{name}.out", "", "", f"{name}.residual"], name=f"{name}/SkipSimplifiedLayerNormalization", domain=MS_DOMAIN, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def _qk_norm(g: GraphWriter, prefix: str, qkv: str, attn, spec: DecoderSpec) -> list[str]:
+    """Qwen3's per-head RMSNorm of q and k, before the rotary embedding. GroupQueryAttention has inputs for it
+    (q_norm_weight / k_norm_weight) but its CPU kernel refuses them, so it runs here: split, norm each head."""
+    q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q, k, v = g.node("Split", [qkv, g.const([q_width, kv_width, kv_width])], [f"{prefix}.q", f"{prefix}.k", f"{prefix}.v"], name=f"{prefix}/SplitQKV", axis=-1)
+    normed = []
+    for name, x, module in (("q_norm", q, attn.q_norm), ("k_norm", k, attn.k_norm)):
+        heads = g.node("Reshape", [x, g.const([0, 0, -1, spec.head_dim])], f"{prefix}.{name}.heads", name=f"{prefix}/{name}/Reshape")[0]
+        y = g.node("RMSNormalization", [heads, g.init(f"{prefix}.{name}.weight", _weight(module))], f"{prefix}.{name}.out", name=f"{prefix}/{name}/RMSNormalization", axis=-1, epsilon=float(module.variance_epsilon), stash_type=1)[0]
+        normed.append(g.node("Reshape", [y, g.const([0, 0, -1])], f"{prefix}.{name}.flat", name=f"{prefix}/{name}/Flatten")[0])
+    return [normed[0], normed[1], v]
+
+
+def _swiglu(g: GraphWriter, prefix: str, gate_up: str, width: int) -> str:
+    gate, up = g.node("Split", [gate_up, g.const([width, width])], [f"{prefix}.gate", f"{prefix}.up"], name=f"{prefix}/Split", axis=-1)
+    sig = g.node("Sigmoid", [gate], f"{prefix}.gate_sigmoid", name=f"{prefix}/Sigmoid")[0]
+    silu = g.node("Mul", [gate, sig], f"{prefix}.gate_silu", name=f"{prefix}/SiLU")[0]
+    return g.node("Mul", [silu, up], f"{prefix}.act", name=f"{prefix}/Mul")[0]
+
+
+def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
+    """seqlens_k (batch,) int32 = T - 1 for every row, total_sequence_length int32 scalar = T, and the additive
+    attention bias (batch, 1, sequence, T): 0 on attended keys, finfo.min on padded ones."""
+    shape = g.node("Shape", ["attention_mask"], "mask_shape", name="mask/Shape")[0]
+    batch = g.node("Gather", [shape, g.const(0)], "batch_size", name="mask/batch", axis=0)[0]
+    t64 = g.node("Gather", [shape, g.const(1)], "total_length_i64", name="mask/total", axis=0)[0]
+    total = g.node("Cast", [t64], "total_sequence_length", name="mask/total_i32", to=TensorProto.INT32)[0]
+    last = g.node("Sub", [total, g.const(1, np.int32)], "last_index", name="mask/last")[0]
+    batch_1d = g.node("Unsqueeze", [batch, g.const([0])], "batch_1d", name="mask/batch_1d")[0]
+    seqlens = g.node("Expand", [last, batch_1d], "seqlens_k", name="mask/seqlens_k")[0]
+    maskf = g.node("Cast", ["attention_mask"], "mask_float", name="mask/float", to=TensorProto.FLOAT)[0]
+    blocked = g.node("Sub", [maskf, g.const(1.0, np.float32)], "mask_minus_one", name="mask/minus_one")[0]  # 0 or -1
+    bias2d = g.node("Mul", [blocked, g.const(-np.finfo(np.float32).min, np.float32)], "mask_bias_2d", name="mask/bias")[0]
+    bias4d = g.node("Unsqueeze", [bias2d, g.const([1, 2])], "mask_bias_4d", name="mask/bias_4d")[0]
+    ids_shape = g.node("Shape", ["input_ids"], "ids_shape", name="ids/Shape")[0]
+    seq = g.node("Slice", [ids_shape, g.const([1]), g.const([2])], "seq_1d", name="ids/seq")[0]
+    t_1d = g.node("Unsqueeze", [t64, g.const([0])], "total_1d", name="mask/total_1d")[0]
+    target = g.node("Concat", [batch_1d, g.const([1]), seq, t_1d], "bias_shape", name="mask/bias_shape", axis=0)[0]
+    bias = g.node("Expand", [bias4d, target], "attention_bias", name="mask/attention_bias")[0]
+    return seqlens, total, bias, seq
+
+
+def _keep_last(g: GraphWriter, hidden: str, seq: str) -> str:
+    """The last `num_logits_to_keep` positions of `hidden` (0, the default, keeps all). A prefill only needs the
+    last position's logits: skipping the others saves the LM head's largest product (positions x vocab)."""
+    g.init(KEEP_INPUT, np.asarray(0, np.int64))  # also a graph input: an initializer callers may override
+    keep = g.node("Unsqueeze", [KEEP_INPUT, g.const([0])], "keep_1d", name="logits/keep_1d")[0]
+    first = g.node("Sub", [seq, keep], "keep_start", name="logits/start")[0]
+    every = g.node("Equal", [keep, g.const([0])], "keep_all", name="logits/keep_all")[0]
+    start = g.node("Where", [every, g.const([0]), first], "logits_start", name="logits/where")[0]
+    return g.node("Slice", [hidden, start, g.const([np.iinfo(np.int64).max]), g.const([1])], "hidden_kept", name="logits/Slice")[0]
+
+
+def _model(g: GraphWriter, spec: DecoderSpec, names_in: list[str], names_out: list[str]) -> onnx.ModelProto:
+    kv = lambda name, length: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", spec.num_kv_heads, length, spec.head_dim])  # noqa: E731
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+    ] + [kv(name, "past_sequence_length") for name in names_in[3:]]
+    inputs.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_length", spec.vocab])]
+    outputs += [kv(name, "present_sequence_length") for name in names_out[1:]]
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="compress")
+    helper.set_model_props(model, KV_CACHE_METADATA)
+    return model

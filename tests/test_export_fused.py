@@ -1,0 +1,168 @@
+"""The fused graph (compress_exporters.graph): fp32 equals torch on a left-padded batch (prefill and decode with
+the cache) for every family it covers, GPTQ int4 equals the dequantized GPTQ model and its fused tensors are the
+GPTQ layers exactly, and what it cannot export goes to torch.onnx (auto) or is refused (fused)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="ONNX export needs onnx: pip install 'compress-llm[onnx]'")
+pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime: pip install 'compress-llm[onnx]'")
+
+import onnx  # noqa: E402
+from conftest import TINY, save_tiny  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from compress_exporters import matmulnbits  # noqa: E402
+from compress_exporters.graph import FUSED_FAMILIES  # noqa: E402
+from compress_exporters.onnx import ExportError, export_onnx  # noqa: E402
+from compress_exporters.runtime import create_session  # noqa: E402
+from compress_exporters.validation import compare_with_torch  # noqa: E402
+
+# GroupQueryAttention needs head sizes that are multiples of 16: 64 wide with 4 heads (2 KV heads).
+WIDE = dict(hidden_size=64, intermediate_size=128)
+# Left-padded batch: lengths 11, 2, 6 and 1, longer than Mistral's window of 4 below.
+PROMPTS = [[5, 17, 101, 7, 9, 250, 3, 8, 9, 10, 44], [3, 4], [7, 8, 9, 11, 12, 13], [99]]
+
+
+def ops(folder):
+    return json.loads((folder / "compress.json").read_text())["onnx"]["ops"]
+
+
+@pytest.fixture(scope="module")
+def fused_model(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("fused")
+    extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": 4}}  # qwen3: per-head q/k norms; mistral: a window shorter than the prompts
+    return lambda family: (root / family) if (root / family).exists() else save_tiny(root / family, family, tokenizer_dir, layers=2, **WIDE, **extra.get(family, {}))
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_fp32_matches_torch_on_a_padded_batch(tmp_path, fused_model, family):
+    from transformers import AutoModelForCausalLM
+
+    src = fused_model(family)
+    result = export_onnx(src, tmp_path / "onnx")  # auto: the fused graph for this family
+    assert result.record["recipe"]["export"]["exporter"] == "fused"
+    found = ops(result.artifact)
+    assert found["GroupQueryAttention"] == 2 and found["SkipSimplifiedLayerNormalization"] == 4 and found["MatMul"] == 2 * 4 + 1  # qkv, o, gate_up, down + head
+    assert result.validation["passed"] and result.validation["max_rel_diff"] < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    comparison = compare_with_torch(create_session(result.artifact / "model.onnx"), model, PROMPTS, decode_steps=6)
+    assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0, comparison
+    assert comparison.decode_max_abs_diff < 1e-4
+    genai = json.loads((result.artifact / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention updates the buffer in place
+
+
+def test_fused_graph_ignores_nothing_the_torch_model_reads(tmp_path, fused_model, monkeypatch):
+    """A wrong weight anywhere must show: scale one layer's RMSNorm weight and validation has to fail."""
+    import compress_exporters.build as build
+    from compress_exporters.validation import ValidationFailedError
+
+    real = build.apply_weights
+
+    def corrupt(proto, *args, **kwargs):
+        proto, details = real(proto, *args, **kwargs)
+        gamma = next(t for t in proto.graph.initializer if t.name == "model.layers.1.post_attention_layernorm.weight")
+        gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma) * 3.0, gamma.name))
+        return proto, details
+
+    monkeypatch.setattr(build, "apply_weights", corrupt)
+    with pytest.raises(ValidationFailedError, match="max relative logit difference"):
+        export_onnx(fused_model("llama"), tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_fused_quantized_formats_from_float(tmp_path, fused_model, weights):
+    result = export_onnx(fused_model("llama"), tmp_path / "onnx", weights=weights)
+    assert result.record["recipe"]["export"]["exporter"] == "fused" and result.validation["passed"]
+    model = onnx.load(str(result.artifact / "model.onnx"))
+    bits = sorted({a.name: a.i for a in n.attribute}["bits"] for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert bits == [int(weights[3])] * 8 + ([8] if weights == "int4" else [int(weights[3])])  # 4 fused projections x 2 layers + the 8-bit head
+
+
+@pytest.fixture(scope="module")
+def gptq_fused(tmp_path_factory, tokenizer_dir, text_files):
+    """4-bit GPTQ with act-order and groups of 64 over widths 96 and 192 (a partial last group), 6 heads of 16."""
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+
+    root = tmp_path_factory.mktemp("gptq-fused")
+    saved = TINY["llama"]
+    TINY["llama"] = dict(saved, hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2)
+    try:
+        float_dir = save_tiny(root / "float", "llama", tokenizer_dir, layers=2, train_steps=30)
+    finally:
+        TINY["llama"] = saved
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(root / "cache")},
+        "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}},
+    })
+    return run_quantize(recipe, str(float_dir), root / "gptq", progress=False).artifact
+
+
+def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
+    from compress.models import load_quantized
+
+    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4", accuracy_level=0, lm_head="float")
+    assert result.record["recipe"]["export"]["exporter"] == "fused"
+    details = result.record["onnx"]["weights"]
+    assert details["layers"] == 14 and details["matmulnbits_nodes"] == 8 and details["act_order_layers"] == 14
+    # act-order Gathers: one for q/k/v (one Hessian, one permutation), o_proj, gate/up; none for down_proj,
+    # whose input gate/up write pre-sorted: 3 a layer, + the embedding + the mask's two shape reads
+    assert ops(result.artifact)["Gather"] == 3 * 2 + 1 + 2
+    reference = load_quantized(gptq_fused)
+    comparison = compare_with_torch(create_session(result.artifact / "model.onnx"), reference, PROMPTS, decode_steps=4)
+    assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0, comparison
+
+    # Bit-exact: each fused q/k/v MatMulNBits dequantizes to exactly the GPTQ layers' weights, side by side.
+    model = onnx.load(str(result.artifact / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    fused = result.record["onnx"]["fused_projections"]
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or not node.name.endswith("q_k_v_proj/MatMulNBits"):
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        gather = producers[node.input[0]]
+        assert gather.op_type == "Gather"
+        weight = matmulnbits.NBitsWeight(B=inits[node.input[1]], scales=inits[node.input[2]], zero_points=inits[node.input[3]] if len(node.input) > 3 else None, perm=inits[gather.input[1]], K=attrs["K"], N=attrs["N"], bits=attrs["bits"], block_size=attrs["block_size"])
+        layers = fused[node.name.rsplit("/", 1)[0]]
+        expected = torch.cat([reference.get_submodule(name).dequantized_weight() for name in layers]).T.numpy()
+        assert np.array_equal(matmulnbits.dequantize(weight), expected), node.name
+        checked += 1
+    assert checked == 2
+
+
+def test_fused_gptq_default_is_fast_path_and_close(tmp_path, gptq_fused):
+    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4")  # accuracy_level 4, 8-bit head
+    v = result.validation
+    assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
+    model = onnx.load(str(result.artifact / "model.onnx"))
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+
+
+def test_what_the_fused_graph_cannot_export(tmp_path, tiny_narrow, fused_model):
+    # head size 8: GroupQueryAttention refuses it, so auto takes torch.onnx and fused says why
+    result = export_onnx(tiny_narrow, tmp_path / "auto", exporter="auto")
+    assert result.record["recipe"]["export"]["exporter"] == "dynamo" and "GroupQueryAttention" not in ops(result.artifact)
+    with pytest.raises(ExportError, match="multiple of 16"):
+        export_onnx(tiny_narrow, tmp_path / "fused", exporter="fused")
+    with pytest.raises(ExportError, match="not fp16"):
+        export_onnx(fused_model("llama"), tmp_path / "fp16", exporter="fused", weights="fp16")
+    with pytest.raises(ExportError, match="opset applies to the torch.onnx exporters"):
+        export_onnx(fused_model("llama"), tmp_path / "opset", exporter="fused", opset=17)
+
+
+@pytest.fixture(scope="module")
+def tiny_narrow(tmp_path_factory, tokenizer_dir):
+    return save_tiny(tmp_path_factory.mktemp("narrow") / "llama", "llama", tokenizer_dir, layers=1)
+
+
+def test_other_families_are_refused_by_the_fused_exporter(tmp_path, tokenizer_dir):
+    src = save_tiny(tmp_path / "gpt2", "gpt2", tokenizer_dir, layers=1)
+    with pytest.raises(ExportError, match="the fused graph covers llama, mistral, qwen2, qwen3, not gpt2"):
+        export_onnx(src, tmp_path / "onnx", exporter="fused")
