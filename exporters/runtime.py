@@ -204,6 +204,11 @@ class OnnxCausalLM:
         if text.startswith(emitted) and len(text) > len(emitted):
             yield text[len(emitted):]  # a trailing piece that never completed a character
 
+    def greedy_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy next tokens one by one, never stopping early (what `compress bench` times: the first comes
+        after the prefill, each later one after one decode step)."""
+        return self._token_stream(self._prompt_ids(prompt_ids), max_new_tokens, lambda logits: int(np.argmax(logits)))
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:

@@ -17,7 +17,7 @@ BENCH = {"seq_len": 32, "max_eval_tokens": 128, "prompt_lengths": [16], "new_tok
 def full_recipe(tmp_path, teacher, text_files, **sections) -> dict:
     data = tiny_recipe(tmp_path, teacher, text_files)
     data["quantize"] = {"method": "gptq", "bits": 4, "group_size": 32, "calib": {"samples": 8, "seq_len": 32}}
-    data["export"] = {"weights": "int4", "exporter": "legacy"}
+    data["export"] = {"weights": "int4"}  # auto: the fused graph for a Llama
     data["bench"] = dict(BENCH)
     data.update(sections)
     return data

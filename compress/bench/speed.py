@@ -46,26 +46,6 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
-def time_prefill(subject, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
-    subject.prefill(ids)
-    subject.sync()
-    return time.perf_counter() - start
-
-
-def time_decode(subject, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    """Seconds of each of `new_tokens` greedy steps after a (untimed) prefill of `ids` (B, T)."""
-    state = subject.prefill(ids)
-    subject.sync()
-    steps = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        state = subject.step(state)
-        subject.sync()
-        steps.append(time.perf_counter() - start)
-    return steps
-
-
 def measure_speed(subject, prompts: dict, spec: dict, on_done: Callable[[str], None] = lambda _: None) -> dict:
     """`prompts`: {"prefill": {length: [ids]}, "decode": [[ids] x max batch]}; `spec`: the BenchSpec as a dict.
     `on_done(summary)` after each measurement (progress)."""
@@ -73,16 +53,16 @@ def measure_speed(subject, prompts: dict, spec: dict, on_done: Callable[[str], N
     for length, ids in prompts["prefill"].items():
         x = torch.tensor([ids], dtype=torch.long)
         for _ in range(spec["warmup"]):
-            time_prefill(subject, x)
-        runs = [time_prefill(subject, x) for _ in range(spec["repeats"])]
+            subject.time_prefill(x)
+        runs = [subject.time_prefill(x) for _ in range(spec["repeats"])]
         result["prefill"][str(length)] = {"median_s": statistics.median(runs), "p90_s": percentile(runs, 90), "runs_s": runs}
         on_done(f"prefill {length} tokens: {1000 * statistics.median(runs):.0f} ms")
     warm_tokens = min(spec["new_tokens"], 16)  # warm-up decodes a few steps: kernels and allocator, not the timing
     for batch in spec["batch_sizes"]:
         x = torch.tensor(prompts["decode"][:batch], dtype=torch.long)
         for _ in range(spec["warmup"]):
-            time_decode(subject, x, warm_tokens)
-        runs = [time_decode(subject, x, spec["new_tokens"]) for _ in range(spec["repeats"])]
+            subject.time_decode(x, warm_tokens)
+        runs = [subject.time_decode(x, spec["new_tokens"]) for _ in range(spec["repeats"])]
         rates = [batch * len(steps) / sum(steps) for steps in runs]
         all_steps = [s for steps in runs for s in steps]
         result["decode"][str(batch)] = {

@@ -124,7 +124,7 @@ class TorchSubject:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor):
-        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1)  # as generate() does
         return out.past_key_values, out.logits[:, -1:].argmax(-1)  # next tokens (B, 1)
 
     @torch.inference_mode()
@@ -136,6 +136,28 @@ class TorchSubject:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def time_prefill(self, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.prefill(ids)
+        self.sync()
+        return time.perf_counter() - start
+
+    def time_decode(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
+        return _time_steps(self, ids, new_tokens)
+
+
+def _time_steps(subject, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Seconds of each of `new_tokens` greedy steps after a (untimed) prefill of `ids` (B, T)."""
+    state = subject.prefill(ids)
+    subject.sync()
+    steps = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        state = subject.step(state)
+        subject.sync()
+        steps.append(time.perf_counter() - start)
+    return steps
 
 
 class OnnxSubject:
@@ -150,7 +172,12 @@ class OnnxSubject:
         # the provider is recorded next to its numbers either way
         cuda = device.type == "cuda" and "CUDAExecutionProvider" in _ort().get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = create_session(info.path / "model.onnx", providers, threads)
+        from compress_exporters.runtime import OnnxCausalLM
+
+        # batch 1 runs through the runtime apps use (IO binding, shared KV cache, chunked prefill);
+        # larger batches and full-sequence logits through plain session runs of the same session
+        self.lm = OnnxCausalLM.from_dir(info.path, providers=providers, threads=threads)
+        self.session = self.lm.session
         self.provider = providers[0]
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
@@ -159,11 +186,13 @@ class OnnxSubject:
         self.outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past]
         self.has_mask = "attention_mask" in inputs
         self.has_positions = "position_ids" in inputs
-        self.past_layout = {n: (inputs[n].shape[1], inputs[n].shape[3], np.float16 if "float16" in inputs[n].type else np.float32) for n in self.past}
+        self.past_layout = {n: (self.lm._kv_dims(n)[1], self.lm._kv_dims(n)[3], self.lm._past_dtype[n]) for n in self.past}
 
-    def _run(self, ids: np.ndarray, past: dict, past_len: int):
+    def _run(self, ids: np.ndarray, past: dict, past_len: int, keep_last: bool = False):
         batch, seq = ids.shape
         feeds = {"input_ids": ids, **past}
+        if keep_last and self.lm._keeps_last:
+            feeds["num_logits_to_keep"] = np.asarray(1, np.int64)
         if self.has_mask:
             feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
         if self.has_positions:
@@ -179,9 +208,30 @@ class OnnxSubject:
         logits, _ = self._run(array, self._empty_past(len(array)), 0)
         return torch.from_numpy(logits.astype(np.float32))
 
+    def time_prefill(self, ids: torch.Tensor) -> float:
+        if len(ids) == 1:
+            start = time.perf_counter()
+            next(iter(self.lm.greedy_tokens(ids[0].tolist(), 1)))
+            return time.perf_counter() - start
+        start = time.perf_counter()
+        self.prefill(ids)
+        return time.perf_counter() - start
+
+    def time_decode(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
+        if len(ids) > 1:
+            return _time_steps(self, ids, new_tokens)
+        stream = iter(self.lm.greedy_tokens(ids[0].tolist(), new_tokens + 1))
+        next(stream)  # the prefill
+        steps, start = [], time.perf_counter()
+        for _ in stream:
+            now = time.perf_counter()
+            steps.append(now - start)
+            start = now
+        return steps
+
     def prefill(self, ids: torch.Tensor):
         array = ids.numpy().astype(np.int64)
-        logits, past = self._run(array, self._empty_past(len(array)), 0)
+        logits, past = self._run(array, self._empty_past(len(array)), 0, keep_last=True)
         return past, array.shape[1], logits[:, -1:].argmax(-1).astype(np.int64)
 
     def step(self, state):
