@@ -130,3 +130,23 @@ def tiny_recipe(tmp_path: Path, teacher: Path, text_files: dict[str, Path], **di
         "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 512, "cache_dir": str(tmp_path / "cache")},
         "distill": settings,
     }
+
+
+def gptq_tiny_llama(root: Path, tokenizer_dir: Path, text_files: dict[str, Path], **llama) -> Path:
+    """A 4-bit GPTQ artifact (act-order, groups of 64) of a 2-layer tiny Llama with the given widths: with widths
+    of 96/192 the groups are scattered over the columns and each row's last group is partial (96 = 64 + 32),
+    like 576 with groups of 128."""
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+
+    saved = TINY["llama"]
+    TINY["llama"] = dict(saved, **llama)
+    try:
+        float_dir = save_tiny(root / "float", "llama", tokenizer_dir, layers=2, train_steps=30)
+    finally:
+        TINY["llama"] = saved
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(root / "cache")},
+        "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}},
+    })
+    return run_quantize(recipe, str(float_dir), root / "gptq", progress=False).artifact

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime: pip in
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript: pip install 'compress-llm[onnx]'")
 
 import onnx  # noqa: E402
-from conftest import TINY, save_tiny  # noqa: E402
+from conftest import TINY, gptq_tiny_llama, save_tiny  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 from compress.architectures import LAYOUTS, UnsupportedArchitectureError  # noqa: E402
@@ -188,21 +188,7 @@ def test_weight_formats_run_and_agree(tmp_path, tiny, weights, options):
 def gptq_artifact(tmp_path_factory, tokenizer_dir, text_files):
     """A 4-bit GPTQ artifact with act-order and groups of 64 over widths of 96 and 192: groups are scattered over
     the columns and the last group of each row is partial (96 = 64 + 32), like 576 with groups of 128."""
-    from compress.quantize.stage import run_quantize
-    from compress.recipe import validate_recipe
-
-    root = tmp_path_factory.mktemp("gptq-export")
-    saved = TINY["llama"]
-    TINY["llama"] = dict(saved, hidden_size=96, intermediate_size=192)
-    try:
-        float_dir = save_tiny(root / "float", "llama", tokenizer_dir, layers=2, train_steps=30)
-    finally:
-        TINY["llama"] = saved
-    recipe = validate_recipe({
-        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(root / "cache")},
-        "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}},
-    })
-    return run_quantize(recipe, str(float_dir), root / "gptq", progress=False).artifact
+    return gptq_tiny_llama(tmp_path_factory.mktemp("gptq-export"), tokenizer_dir, text_files, hidden_size=96, intermediate_size=192)
 
 
 def test_int4_from_gptq_carries_weights_exactly(tmp_path, gptq_artifact):

@@ -11,7 +11,7 @@ pytest.importorskip("onnx", reason="ONNX export needs onnx: pip install 'compres
 pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime: pip install 'compress-llm[onnx]'")
 
 import onnx  # noqa: E402
-from conftest import TINY, save_tiny  # noqa: E402
+from conftest import gptq_tiny_llama, save_tiny  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from compress_exporters import matmulnbits  # noqa: E402
@@ -85,21 +85,7 @@ def test_fused_quantized_formats_from_float(tmp_path, fused_model, weights):
 @pytest.fixture(scope="module")
 def gptq_fused(tmp_path_factory, tokenizer_dir, text_files):
     """4-bit GPTQ with act-order and groups of 64 over widths 96 and 192 (a partial last group), 6 heads of 16."""
-    from compress.quantize.stage import run_quantize
-    from compress.recipe import validate_recipe
-
-    root = tmp_path_factory.mktemp("gptq-fused")
-    saved = TINY["llama"]
-    TINY["llama"] = dict(saved, hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2)
-    try:
-        float_dir = save_tiny(root / "float", "llama", tokenizer_dir, layers=2, train_steps=30)
-    finally:
-        TINY["llama"] = saved
-    recipe = validate_recipe({
-        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(root / "cache")},
-        "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}},
-    })
-    return run_quantize(recipe, str(float_dir), root / "gptq", progress=False).artifact
+    return gptq_tiny_llama(tmp_path_factory.mktemp("gptq-fused"), tokenizer_dir, text_files, hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2)
 
 
 def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
