@@ -135,6 +135,17 @@ def _check_models(recipe: Recipe) -> list[str]:
         return [f"teacher.model: {err}"]
     except OSError as err:
         return [f"teacher.model {t.model!r}: {err}"]
+    e = recipe.export
+    if e is not None and e.exporter == "fused":
+        from types import SimpleNamespace
+
+        from compress_exporters.build import fused_refusal
+
+        heads = getattr(config, "num_attention_heads", 1)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim)), e.weights, e.int8_method)
+        if why:
+            return [f"export.exporter fused: {why}; use export.exporter auto (it falls back to torch.onnx)"]
     if recipe.student.model:
         try:
             teacher_vocab = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code).get_vocab()

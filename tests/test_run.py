@@ -31,6 +31,7 @@ def full_recipe(tmp_path, teacher, text_files, **sections) -> dict:
         ({"export": {"weights": "int8", "exporter": "legacy"}}, "export.weights int8 does not match quantize.bits 4"),
         ({"quantize": {"method": "rtn", "bits": 4, "group_size": 24}}, "quantize.group_size 24 cannot be carried"),
         ({"student": {"config": {"vocab_size": 500}}}, "student.config.vocab_size"),
+        ({"quantize": None, "export": {"weights": "fp16", "exporter": "fused"}}, "export.exporter fused: the fused graph exports fp32"),
     ],
 )
 def test_chain_conflicts_are_refused_before_compute(tmp_path, teachers, text_files, change, message):
