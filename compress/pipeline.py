@@ -175,12 +175,13 @@ class _RunState:
         self.path = run_dir / RUN_FILE
         self.data = {"stages": {}} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
 
-    def is_done(self, stage: str, key: str, output: Path) -> bool:
+    def finished_hash(self, stage: str, key: str, output: Path) -> str | None:
+        """The content hash of `output` when the stage finished with this key and the folder is as it wrote it."""
         entry = self.data["stages"].get(stage, {})
-        return (
-            entry.get("status") == "done" and entry.get("key") == key and (output / RECORD_FILE).is_file()
-            and entry.get("sha256") == hash_path(output)
-        )
+        if entry.get("status") != "done" or entry.get("key") != key or not (output / RECORD_FILE).is_file():
+            return None
+        sha = hash_path(output)
+        return sha if sha == entry.get("sha256") else None
 
     def started_with(self, stage: str) -> str | None:
         return self.data["stages"].get(stage, {}).get("key")
@@ -212,36 +213,26 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
             result.outcomes.append(StageOutcome(stage, output, skipped=not report.measured, seconds=time.perf_counter() - start))
             continue
         key = stage_key(recipe, stage, input_sha)
-        if not upstream_changed and state.is_done(stage, key, output):
+        finished = None if upstream_changed else state.finished_hash(stage, key, output)
+        if finished:
             log(f"{stage}: {output} is up to date (same recipe sections and inputs): skipped")
-            skipped = True
+            input_sha = finished
         else:
             interrupted = state.started_with(stage) == key and not (output / RECORD_FILE).is_file()
             redo = output.exists() or (state.started_with(stage) not in (None, key))
             if redo and not upstream_changed:
                 log(f"{stage}: the recipe or the input changed since {output} was written: redoing it")
             state.mark(stage, key, "running", output)
-            _run_stage(stage, recipe, input_sha, artifacts, output, resume=interrupted and not overwrite, progress=progress, recipe_file=recipe_file, log=log)
+            _run_stage(stage, recipe, artifacts, output, resume=interrupted and not overwrite, progress=progress, recipe_file=recipe_file, log=log)
             upstream_changed = True
-            skipped = False
-        input_sha = hash_path(output)
-        if not skipped:
+            input_sha = hash_path(output)
             state.mark(stage, key, "done", output, input_sha)
-        artifacts.append((_label(stage, recipe), str(output)))
-        result.outcomes.append(StageOutcome(stage, output, skipped, time.perf_counter() - start))
+        artifacts.append((output.name, str(output)))  # the report labels rows by folder: student, gptq-4bit, onnx-int4
+        result.outcomes.append(StageOutcome(stage, output, finished is not None, time.perf_counter() - start))
     return result
 
 
-def _label(stage: str, recipe: Recipe) -> str:
-    if stage == "distill":
-        return "student"
-    if stage == "quantize":
-        q = recipe.quantize
-        return q.method if isinstance(q, BnbSpec) else f"{q.method}-{q.bits}bit"
-    return f"onnx-{recipe.export.weights}"
-
-
-def _run_stage(stage: str, recipe: Recipe, input_sha, artifacts, output: Path, *, resume: bool, progress: bool, recipe_file, log) -> None:
+def _run_stage(stage: str, recipe: Recipe, artifacts, output: Path, *, resume: bool, progress: bool, recipe_file, log) -> None:
     previous = artifacts[-1][1]
     if stage == "distill":
         from compress.distill.loop import run_distill

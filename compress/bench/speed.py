@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -103,7 +104,7 @@ def _worker(request: dict) -> dict:
 def measure_in_subprocess(info, prompts: dict, spec: dict, device: str, on_line: Callable[[str], None] = lambda _: None) -> dict:
     """`measure_speed` for one artifact in a fresh Python process; its errors come back as SpeedMeasurementError.
     The child's progress lines (stdout) go to `on_line` as they come."""
-    info_dict = {"name": info.name, "label": info.label, "kind": info.kind, "path": str(info.path) if info.path else None, "sha256": info.sha256, "config": info.config, "record": None}
+    info_dict = {**asdict(info), "path": str(info.path) if info.path else None, "record": None}
     request = {"info": info_dict, "prompts": prompts, "spec": spec, "device": device}
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"

@@ -122,7 +122,9 @@ def run_bench(
 
         _ort()  # a clear "install onnxruntime" before any measurement
     teacher_name = teacher or next((t for t in map(teacher_from_lineage, infos) if t), None)
-    teacher_info = inspect_artifact(teacher_name, "teacher") if teacher_name and spec.quality else None
+    teacher_info = None
+    if teacher_name and spec.quality:  # an artifact given by the same name is not inspected (hashed) twice
+        teacher_info = next((i for i in infos if i.name == teacher_name), None) or inspect_artifact(teacher_name, "teacher")
     teacher_label = next((i.label for i in infos if teacher_info and i.sha256 == teacher_info.sha256), None)
     device = _device(spec)
     if spec.threads:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from compress import models
-from compress.artifacts import RECORD_FILE, hash_path
+from compress.artifacts import RECORD_FILE, hash_path, read_record
 from compress.errors import CompressError
 
 KINDS = ("float", "gptq", "bnb", "onnx")
@@ -40,8 +40,7 @@ class ArtifactInfo:
 
 def inspect_artifact(name: str, label: str | None = None) -> ArtifactInfo:
     """Kind, folder, content hash and config of `name`, loading no weights."""
-    source = models.resolve_source(name)  # a missing path or a folder without config.json fails here, by name
-    folder = Path(source) if Path(source).exists() else None
+    folder = models.local_path(name)  # a missing path or a folder without config.json fails here, by name
     if folder is None:
         from transformers import AutoConfig
 
@@ -55,9 +54,7 @@ def inspect_artifact(name: str, label: str | None = None) -> ArtifactInfo:
         kind = {None: "float", "gptq": "gptq", "bitsandbytes": "bnb"}.get(method)
         if kind is None:
             raise BenchInputError(f"{name}: quantization {method!r} is not one compress bench can load (float, gptq, bitsandbytes, onnx)")
-    record = None
-    if folder is not None and (folder / RECORD_FILE).is_file():
-        record = json.loads((folder / RECORD_FILE).read_text())
+    record = read_record(folder) if folder is not None and (folder / RECORD_FILE).is_file() else None
     sha = hash_path(folder) if folder is not None else f"hub:{name}"
     return ArtifactInfo(name=name, label=label or _default_label(name, folder), kind=kind, path=folder, sha256=sha, config=config, record=record)
 
@@ -84,7 +81,7 @@ def teacher_from_lineage(info: ArtifactInfo, depth: int = 8) -> str | None:
         upstream = next((i for i in inputs if i.get("role") == "model" and i.get("path")), None)
         if upstream is None or not (Path(upstream["path"]) / RECORD_FILE).is_file():
             return None
-        record = json.loads((Path(upstream["path"]) / RECORD_FILE).read_text())
+        record = read_record(upstream["path"])
     return None
 
 
@@ -138,13 +135,17 @@ class TorchSubject:
             torch.cuda.synchronize(self.device)
 
     def time_prefill(self, ids: torch.Tensor) -> float:
-        start = time.perf_counter()
-        self.prefill(ids)
-        self.sync()
-        return time.perf_counter() - start
+        return _time_prefill(self, ids)
 
     def time_decode(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
         return _time_steps(self, ids, new_tokens)
+
+
+def _time_prefill(subject, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    subject.prefill(ids)
+    subject.sync()
+    return time.perf_counter() - start
 
 
 def _time_steps(subject, ids: torch.Tensor, new_tokens: int) -> list[float]:
@@ -164,44 +165,31 @@ class OnnxSubject:
     """An ONNX folder from `compress export`, run with ONNX Runtime through its conventional inputs."""
 
     def __init__(self, info: ArtifactInfo, device: torch.device, threads: int | None):
-        from compress_exporters.runtime import create_session
-
-        from compress_exporters.runtime import _ort
+        from compress_exporters.runtime import OnnxCausalLM, _ort
 
         # on a CUDA bench the ONNX model runs on CUDA when onnxruntime-gpu is installed, else on the CPU;
         # the provider is recorded next to its numbers either way
         cuda = device.type == "cuda" and "CUDAExecutionProvider" in _ort().get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        from compress_exporters.runtime import OnnxCausalLM
-
-        # batch 1 runs through the runtime apps use (IO binding, shared KV cache, chunked prefill);
-        # larger batches and full-sequence logits through plain session runs of the same session
+        # batch 1 runs through the runtime apps use (IO binding, shared KV cache, chunked prefill); larger
+        # batches and full-sequence logits through plain runs of the same session, with the inputs it found
         self.lm = OnnxCausalLM.from_dir(info.path, providers=providers, threads=threads)
-        self.session = self.lm.session
         self.provider = providers[0]
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=lambda n: (int(n.split(".")[1]), n))
-        if "input_ids" not in inputs or not self.past:
-            raise BenchInputError(f"{info.path}: model.onnx lacks input_ids / past_key_values.* inputs of a KV-cache decoder")
-        self.outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past]
-        self.has_mask = "attention_mask" in inputs
-        self.has_positions = "position_ids" in inputs
-        self.past_layout = {n: (self.lm._kv_dims(n)[1], self.lm._kv_dims(n)[3], self.lm._past_dtype[n]) for n in self.past}
 
     def _run(self, ids: np.ndarray, past: dict, past_len: int, keep_last: bool = False):
         batch, seq = ids.shape
-        feeds = {"input_ids": ids, **past}
-        if keep_last and self.lm._keeps_last:
+        lm = self.lm
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + seq), np.int64), **past}
+        if keep_last and lm._keeps_last:
             feeds["num_logits_to_keep"] = np.asarray(1, np.int64)
-        if self.has_mask:
-            feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
-        if self.has_positions:
+        if lm._has_positions:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
-        logits, *present = self.session.run(self.outputs, feeds)
-        return logits, dict(zip(self.past, present))
+        logits, *present = lm.session.run(lm._outputs, feeds)
+        return logits, dict(zip(lm._past, present))
 
     def _empty_past(self, batch: int) -> dict:
-        return {n: np.zeros((batch, heads, 0, dim), dtype) for n, (heads, dim, dtype) in self.past_layout.items()}
+        dims = {n: self.lm._kv_dims(n) for n in self.lm._past}
+        return {n: np.zeros((batch, d[1], 0, d[3]), self.lm._past_dtype[n]) for n, d in dims.items()}
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         array = ids.numpy().astype(np.int64)
@@ -209,12 +197,10 @@ class OnnxSubject:
         return torch.from_numpy(logits.astype(np.float32))
 
     def time_prefill(self, ids: torch.Tensor) -> float:
-        if len(ids) == 1:
-            start = time.perf_counter()
-            next(iter(self.lm.greedy_tokens(ids[0].tolist(), 1)))
-            return time.perf_counter() - start
+        if len(ids) > 1:
+            return _time_prefill(self, ids)
         start = time.perf_counter()
-        self.prefill(ids)
+        next(iter(self.lm.greedy_tokens(ids[0].tolist(), 1)))
         return time.perf_counter() - start
 
     def time_decode(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
@@ -252,9 +238,3 @@ def open_subject(info: ArtifactInfo, *, device: torch.device, threads: int | Non
         require_bnb()
     return TorchSubject(info, device)
 
-
-def timed(fn, *args):
-    """(seconds, result) of one call."""
-    start = time.perf_counter()
-    result = fn(*args)
-    return time.perf_counter() - start, result

@@ -11,12 +11,10 @@ from .grid import (
     QuantResult,
     check_group_size,
     check_weight,
-    dequantize,
     dequantize_grouped,
     find_params,
     find_params_mse,
     group_count,
-    quantize,
 )
 
 __all__ = ["SCALE_SEARCHES", "QuantResult", "accumulate_hessian", "gptq", "gptq_shared"]
