@@ -252,7 +252,7 @@ def _run_stage(stage: str, recipe: Recipe, artifacts, output: Path, *, resume: b
 
         e = recipe.export
         log(describe(export_onnx(previous, output, weights=e.weights, device=e.device, accuracy_level=e.accuracy_level, overwrite=True,
-                                 exporter=e.exporter, lm_head=e.lm_head, int8_method=e.int8_method, threads=e.threads)))
+                                 exporter=e.exporter, lm_head=e.lm_head, embedding=e.embedding, int8_method=e.int8_method, threads=e.threads)))
 
 
 def _bench(recipe: Recipe, artifacts, output: Path, *, fresh: bool, progress: bool, log):

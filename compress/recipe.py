@@ -186,6 +186,7 @@ class ExportSpec(Spec):
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the ONNX model is validated and meant to run (cuda needs onnxruntime-gpu).")
     accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 4.")
     lm_head: Literal["float", "int8"] | None = Field(None, description="LM head precision of int4/int8 exports; null = int8.")
+    embedding: Literal["float", "int8"] | None = Field(None, description="Token embedding precision of int4/int8 exports: int8 = GatherBlockQuantized, reading the 8-bit LM head's own codes when the head is tied (stored once); null = as lm_head.")
     int8_method: Literal["nbits", "dynamic"] = Field("nbits", description="int8 from a float model: weight-only MatMulNBits, or ONNX Runtime's quantize_dynamic.")
     exporter: Literal["auto", "fused", "dynamo", "legacy"] = Field("auto", description="auto = the fused graph (GroupQueryAttention, fused norms and projections) for Llama/Mistral/Qwen2/Qwen3 in fp32/int8/int4, torch.onnx dynamo otherwise; legacy = the deprecated TorchScript exporter.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads during validation (null = its default).")

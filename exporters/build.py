@@ -134,8 +134,8 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
     details: dict = {"lm_head": lm_head}
     if settings["int8_method"] == "dynamic":
         details["method"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor"
-        return fmt.quantize_int8(proto, work, exclude=[] if lm_head == "int8" else head_names), details
-    if source.format == "gptq":
+        proto = fmt.quantize_int8(proto, work, exclude=[] if lm_head == "int8" else head_names)
+    elif source.format == "gptq":
         if carried is None:
             found = fmt.replace_with_nbits(proto, nbits, accuracy_level=level)
             missing = sorted(layer for key, (layer, _) in nbits.items() if key not in found)
@@ -153,8 +153,13 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         exclude = [] if (bits == 8 and lm_head == "int8") else head_names
         proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
-    if lm_head == "int8" and head is not None and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
+    if lm_head == "int8" and head is not None and settings["int8_method"] != "dynamic" and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
         proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=level, include=head_names)
+    if settings["embedding"] == "int8":
+        try:
+            details.update(fmt.quantize_embedding(proto, fmt.find_lm_head(proto), block_size=LM_HEAD_BLOCK_SIZE))
+        except ValueError as err:
+            raise ExportError(f"embedding='int8': {err}; export with embedding='float'") from None
     return proto, details
 
 

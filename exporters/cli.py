@@ -28,6 +28,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (default 4, faster)")
     parser.add_argument("--int8-method", choices=["nbits", "dynamic"], default="nbits", help="int8: weight-only 8-bit MatMulNBits (default) or onnxruntime quantize_dynamic (int8 activations per tensor: less accurate)")
     parser.add_argument("--lm-head", choices=["float", "int8"], help="LM head precision for int8/int4 exports (default int8)")
+    parser.add_argument("--embedding", choices=["float", "int8"], help="token embedding precision for int8/int4 exports (default: as --lm-head; int8 shares a tied head's 8-bit codes)")
     parser.add_argument("--exporter", choices=["auto", "fused", "dynamo", "legacy"], default="auto",
                         help="auto (default): the fused graph (GroupQueryAttention, fused norms and projections; fast) for Llama/Mistral/Qwen2/Qwen3 "
                         "in fp32/int8/int4, else torch.onnx dynamo; legacy: torch's older exporter (faster to export, deprecated upstream)")
@@ -52,6 +53,7 @@ def run_export_cli(args) -> int:
         validate_prompts=args.prompts,
         exporter=args.exporter,
         lm_head=args.lm_head,
+        embedding=args.embedding,
         int8_method=args.int8_method,
         threads=args.threads,
     )

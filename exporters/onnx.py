@@ -82,6 +82,7 @@ def export_onnx(
     validate_prompts: Sequence[str] | None = None,
     exporter: str = "auto",
     lm_head: str | None = None,
+    embedding: str | None = None,
     int8_method: str = "nbits",
     threads: int | None = None,
 ) -> ExportResult:
@@ -92,7 +93,8 @@ def export_onnx(
     32), or `int8_method="dynamic"` for ONNX Runtime's quantize_dynamic (per-channel weights, per-tensor
     activations: much less accurate on real models, see exporters/README.md). `accuracy_level` (MatMulNBits
     formats): 0 = fp32 activations, 4 = int8 activations inside the kernel (default, faster). `lm_head`:
-    "float" or "int8"; default int8 for int8/int4 exports. `device="cuda"` validates on ONNX Runtime's CUDA
+    "float" or "int8"; default int8 for int8/int4 exports. `embedding`: "float" or "int8" (GatherBlockQuantized,
+    sharing the 8-bit head's codes when the head is tied); default: as the LM head. `device="cuda"` validates on ONNX Runtime's CUDA
     provider and fails if it is not obtained. `validate_prompts`: texts for the validation (default: four)."""
     start = time.perf_counter()
     _check_choice("weights", weights, WEIGHTS)
@@ -103,6 +105,10 @@ def export_onnx(
         _check_choice("lm_head", lm_head, LM_HEAD)
         if weights in ("fp32", "fp16") and lm_head != "float":
             raise ExportError(f"lm_head={lm_head!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
+    if embedding is not None:
+        _check_choice("embedding", embedding, LM_HEAD)
+        if weights in ("fp32", "fp16") and embedding != "float":
+            raise ExportError(f"embedding={embedding!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
     ort = _require_onnx("fused")  # onnxscript is checked once the exporter is resolved
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -142,10 +148,12 @@ def export_onnx(
         "block_size": NBITS_BLOCK_SIZE if nbits_format and source.format == "float" else None,
         "int8_method": ("dynamic" if dynamic else "nbits") if weights == "int8" else None,
         "lm_head": lm_head,
+        "embedding": embedding or lm_head,
         "validate_prompts": list(validate_prompts or DEFAULT_PROMPTS),
     }
     if source.format == "gptq":
-        key = f"{weights}-gptq-exact" if (weights == "int4" and level == 0 and lm_head == "float") else f"{weights}-gptq"
+        exact = weights == "int4" and level == 0 and lm_head == "float" and settings["embedding"] == "float"
+        key = f"{weights}-gptq-exact" if exact else f"{weights}-gptq"
     else:
         key = "int8-dynamic" if dynamic else weights
     return build.build_artifact(source, output, settings=settings, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, start=start)

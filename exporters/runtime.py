@@ -234,36 +234,60 @@ class OnnxCausalLM:
         budget = max_new_tokens if self.context_length is None else min(max_new_tokens, self.context_length - n)
         if budget <= 0:
             return
+        ort = _ort()
         cache = _SharedKVCache(self, n + budget) if self.kv_shareable else _ReturnedKVCache(self)
         binding = self.session.io_binding()
-        # Bindings persist between runs: the shared cache and num_logits_to_keep are bound once. An output bound to
-        # a device keeps the value of the last run as a preallocated one, so outputs whose shape changes (logits,
-        # a returned cache) are bound again each step, as are the inputs that grow. Logits are bound first: outputs
-        # come back in the order of first binding.
-        binding.bind_output("logits", "cpu")
+        # Bindings persist between runs. A CPU OrtValue made from a numpy array reads and writes that array's
+        # memory, so the decode inputs (one token, its position) are bound once and then only overwritten, the
+        # mask is a view of one preallocated row of ones, and with the last position's logits only (the fused
+        # graph's num_logits_to_keep) every run writes its (1, 1, vocab) logits into one bound array: a decode
+        # step then crosses from Python to ONNX Runtime once, with nothing allocated or copied around it.
+        # Outputs come back in the order of first binding: logits first.
+        logits = self._logits_buffer()
+        if logits is not None:
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output("logits", "cpu")
         cache.bind(binding)
+        keep = np.asarray(1, np.int64)  # the arrays behind bound OrtValues live as long as the loop
         if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
-            binding.bind_ortvalue_input("num_logits_to_keep", _ort().OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64)))
-        done = self._prefill_chunks(binding, prompt_ids) if self.kv_shareable else 0
+            binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep))
+        ones = np.ones((1, n + budget), np.int64)
+        done = self._prefill_chunks(binding, prompt_ids, ones, rebind_logits=logits is None) if self.kv_shareable else 0
         tokens = np.asarray([prompt_ids[done:]], np.int64)
         positions = np.arange(done, n, dtype=np.int64)[None]
-        for _ in range(budget):
-            binding.bind_cpu_input("input_ids", tokens)
-            binding.bind_cpu_input("attention_mask", np.ones((1, n), np.int64))
-            if self._has_positions:
-                binding.bind_cpu_input("position_ids", positions)
-            binding.bind_output("logits", "cpu")
+        for step in range(budget):
+            if step <= 1:  # the prompt's last chunk, then the one-token inputs that every later step overwrites
+                binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(tokens))
+                if self._has_positions:
+                    binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(positions))
+            binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(ones[:, :n]))
+            if logits is None:
+                binding.bind_output("logits", "cpu")
             self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
-            token = pick(outputs[0].numpy()[0, -1].astype(np.float32))
+            if logits is not None and self.kv_shareable:
+                row = logits[0, -1]
+            else:
+                outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
+                row = outputs[0].numpy()[0, -1] if logits is None else logits[0, -1]
+                cache.advance(binding, outputs[1:])
+            token = pick(row.astype(np.float32, copy=False))
             yield token
-            cache.advance(binding, outputs[1:])
-            tokens = np.asarray([[token]], np.int64)
-            positions = np.asarray([[n]], np.int64)
+            if step == 0:
+                tokens, positions = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+            tokens[0, 0], positions[0, 0] = token, n
             n += 1
 
+    def _logits_buffer(self) -> np.ndarray | None:
+        """A (1, 1, vocab) array every run can write its logits into: graphs that compute the last position's
+        logits only (num_logits_to_keep) with a fixed vocabulary size; None for other graphs."""
+        shape = self.session.get_outputs()[0].shape
+        if not self._keeps_last or not isinstance(shape[-1], int):
+            return None
+        dtype = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
+        return np.zeros((1, 1, shape[-1]), dtype)
 
-    def _prefill_chunks(self, binding, prompt_ids: list[int]) -> int:
+    def _prefill_chunks(self, binding, prompt_ids: list[int], ones: np.ndarray, *, rebind_logits: bool) -> int:
         """Run all but the last `prefill_chunk` tokens of a long prompt in chunks, writing the shared cache; returns
         how many ran. GroupQueryAttention's prompt path computes every query against every key and masks the
         upper triangle; chunk by chunk, a query only meets the keys before its chunk's end (about half the work
@@ -272,10 +296,11 @@ class OnnxCausalLM:
         while chunk and len(prompt_ids) - done > chunk:
             end = done + chunk
             binding.bind_cpu_input("input_ids", np.asarray([prompt_ids[done:end]], np.int64))
-            binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+            binding.bind_cpu_input("attention_mask", ones[:, :end])
             if self._has_positions:
                 binding.bind_cpu_input("position_ids", np.arange(done, end, dtype=np.int64)[None])
-            binding.bind_output("logits", "cpu")
+            if rebind_logits:  # a (1, chunk, vocab) output: allocated by the run
+                binding.bind_output("logits", "cpu")
             self.session.run_with_iobinding(binding)
             done = end
         return done

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress_exporters.matmulnbits import NBitsWeight
+from compress_exporters.matmulnbits import NBitsWeight, dequantize
 
 MS_DOMAIN = "com.microsoft"
 
@@ -123,6 +123,111 @@ def quantize_nbits(model: onnx.ModelProto, *, bits: int, block_size: int, accura
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), nodes_to_include=include)
     quantizer.process()
     return quantizer.model.model
+
+
+def find_embedding(model: onnx.ModelProto, ids: str = "input_ids") -> onnx.NodeProto | None:
+    """The Gather that looks the token ids up in a constant 2-D float table, or None."""
+    inits = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        if table is not None and node.input[1] == ids and len(table.dims) == 2 and table.data_type == onnx.TensorProto.FLOAT:
+            return node
+    return None
+
+
+def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, block_size: int) -> dict:
+    """The token embedding in 8 bits: a `GatherBlockQuantized` (com.microsoft) that reads either the 8-bit LM
+    head's own codes and scales, when the head is the same matrix quantized (a tied head: stored once), or
+    symmetric 8-bit codes of its own in blocks of `block_size` along the hidden size. Returns what was done.
+
+    The lookup reads the codes as MatMulNBits stores them, (vocab, blocks, block_size), quantized along the last
+    axis, so nothing is reshaped or copied at load: the rows come out (batch, sequence, blocks, block_size),
+    and are flattened and cut to the hidden size."""
+    graph = model.graph
+    gather = find_embedding(model)
+    if gather is None:
+        raise ValueError("no Gather of input_ids from a float embedding table was found in the graph")
+    inits = {init.name: init for init in graph.initializer}
+    table = numpy_helper.to_array(inits[gather.input[0]])  # (vocab, hidden)
+    vocab, hidden = table.shape
+    name = "model.embed_tokens"
+    new_inits: list[onnx.TensorProto] = []
+    shared = _shareable_head(head, inits, table)
+    if shared is not None:
+        codes, scales2d, zero_points2d, size = shared
+    else:
+        size = block_size
+        B, scale = quantize_rows_int8(table, size)
+        codes, scales2d, zero_points2d = f"{name}.codes", f"{name}.scales", ""
+        new_inits += [numpy_helper.from_array(B.reshape(vocab, -1, size), codes), numpy_helper.from_array(scale, scales2d)]
+    blocks = -(-hidden // size)
+    new_inits += [
+        numpy_helper.from_array(np.asarray([vocab, blocks, 1], np.int64), f"{name}.per_block_shape"),
+        numpy_helper.from_array(np.asarray([0, 0, blocks * size], np.int64), f"{name}.rows_shape"),
+    ]
+    new_nodes = [helper.make_node("Reshape", [scales2d, f"{name}.per_block_shape"], [f"{name}/scales"], name=f"{name}/ReshapeScales")]
+    inputs = [codes, gather.input[1], f"{name}/scales"]
+    if zero_points2d:
+        new_nodes.append(helper.make_node("Reshape", [zero_points2d, f"{name}.per_block_shape"], [f"{name}/zero_points"], name=f"{name}/ReshapeZeroPoints"))
+        inputs.append(f"{name}/zero_points")
+    new_nodes.append(helper.make_node("GatherBlockQuantized", inputs, [f"{name}/blocks"], name=f"{name}/GatherBlockQuantized", domain=MS_DOMAIN, bits=8, block_size=size, gather_axis=0, quantize_axis=2))
+    rows = gather.output[0] if blocks * size == hidden else f"{name}/padded"
+    new_nodes.append(helper.make_node("Reshape", [f"{name}/blocks", f"{name}.rows_shape"], [rows], name=f"{name}/ReshapeRows"))
+    if rows != gather.output[0]:
+        new_inits += [numpy_helper.from_array(np.asarray([0], np.int64), f"{name}.slice_start"), numpy_helper.from_array(np.asarray([hidden], np.int64), f"{name}.slice_end"), numpy_helper.from_array(np.asarray([-1], np.int64), f"{name}.slice_axis")]
+        new_nodes.append(helper.make_node("Slice", [rows, f"{name}.slice_start", f"{name}.slice_end", f"{name}.slice_axis"], [gather.output[0]], name=f"{name}/Slice"))
+    nodes = list(graph.node)
+    index = nodes.index(gather)
+    nodes[index:index + 1] = new_nodes
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    remove_unused(model)
+    return {"embedding": "int8", "embedding_block_size": size, "embedding_shared_with_lm_head": shared is not None}
+
+
+def quantize_rows_int8(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit codes of a (rows, cols) table in blocks of `block_size` along cols, as
+    GatherBlockQuantized reads them: uint8 (rows, padded cols) with the implicit zero point 128, fp32 scales
+    (rows, blocks). Padding columns get code 128 (zero)."""
+    rows, cols = table.shape
+    blocks = -(-cols // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :cols] = table
+    W = padded.reshape(rows, blocks, block_size)
+    scale = np.abs(W).max(axis=-1) / 127.0  # (rows, blocks)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(W / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return codes.astype(np.uint8).reshape(rows, -1), scale
+
+
+def _shareable_head(head: onnx.NodeProto | None, inits: dict, table: np.ndarray):
+    """(B, scales, zero_points or "", block_size) of an 8-bit MatMulNBits LM head whose dequantized weight is
+    `table` rounded (within one step everywhere), else None: the check that the head really is tied."""
+    if head is None or head.op_type != "MatMulNBits" or len(head.input) < 3 or len(head.input) > 4:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    vocab, hidden = table.shape
+    if attrs.get("bits") != 8 or attrs.get("N") != vocab or attrs.get("K") != hidden or not all(n in inits for n in head.input[1:]):
+        return None
+    size = int(attrs["block_size"])
+    weight = NBitsWeight(
+        B=numpy_helper.to_array(inits[head.input[1]]),
+        scales=numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1).astype(np.float32),
+        zero_points=numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if len(head.input) == 4 and head.input[3] else None,
+        perm=None, K=hidden, N=vocab, bits=8, block_size=size,
+    )
+    if weight.scales.ndim != 2 or weight.B.ndim != 3:
+        return None
+    step = np.abs(np.repeat(weight.scales, size, axis=1)[:, :hidden])  # (vocab, hidden)
+    # ONNX Runtime's symmetric 8-bit quantizer spans [-128, 127] (its scale is negative when the block's extreme
+    # is): values round within half a step, the extreme of a block lands a whole step away. An unrelated matrix
+    # misses this bound by far.
+    if not (np.abs(dequantize(weight).T - table) <= step * 1.01).all():
+        return None
+    return head.input[1], head.input[2], head.input[3] if len(head.input) == 4 else "", size
 
 
 def weight_key(W: np.ndarray) -> str:

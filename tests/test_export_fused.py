@@ -152,3 +152,83 @@ def test_other_families_are_refused_by_the_fused_exporter(tmp_path, tokenizer_di
     src = save_tiny(tmp_path / "gpt2", "gpt2", tokenizer_dir, layers=1)
     with pytest.raises(ExportError, match="the fused graph covers llama, mistral, qwen2, qwen3, not gpt2"):
         export_onnx(src, tmp_path / "onnx", exporter="fused")
+
+
+def test_int8_embedding_rows_are_within_half_a_step():
+    from compress_exporters.weights import quantize_rows_int8
+
+    table = np.random.default_rng(0).normal(size=(50, 72)).astype(np.float32)  # 72 = one block of 64 + a partial one
+    table[3] = 0.0  # an all-zero row must not divide by zero
+    codes, scales = quantize_rows_int8(table, 64)
+    assert codes.shape == (50, 128) and codes.dtype == np.uint8 and scales.shape == (50, 2)
+    step = np.repeat(scales, 64, axis=1)
+    restored = (codes.astype(np.float32) - 128) * step
+    assert np.all(np.abs(restored[:, :72] - table) <= 0.5 * step[:, :72] + 1e-7)
+    assert np.all(codes[:, 72:] == 128) and np.all(restored[3] == 0)
+
+
+def _embedding_subgraph(model: onnx.ModelProto, output: str = "embeddings") -> onnx.ModelProto:
+    """The nodes between input_ids and the embedding output, as a model of their own."""
+    from onnx import TensorProto, helper
+
+    producers = {out: n for n in model.graph.node for out in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, needed, frontier = [], set(), [output]
+    while frontier:
+        node = producers.get(frontier.pop())
+        if node is None or node in nodes:
+            continue
+        nodes.append(node)
+        frontier += [i for i in node.input if i and i not in inits]
+        needed.update(i for i in node.input if i in inits)
+    graph = helper.make_graph(list(reversed(nodes)), "embedding", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], [inits[n] for n in sorted(needed)])
+    return helper.make_model(graph, opset_imports=list(model.opset_import))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_embedding_is_shared_with_a_tied_8_bit_head(tmp_path, tokenizer_dir, tied):
+    """int4 export: the embedding becomes a GatherBlockQuantized; a tied head's 8-bit codes are stored once and
+    read by both, an untied embedding gets 8-bit codes of its own. No float (vocab, hidden) table is left, and
+    every row the graph looks up is the float row rounded to its 8-bit step."""
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    from compress_exporters.weights import quantize_rows_int8
+
+    src = save_tiny(tmp_path / "src", "llama", tokenizer_dir, layers=2, tie_word_embeddings=tied, **WIDE)
+    table = AutoModelForCausalLM.from_pretrained(src).get_input_embeddings().weight.detach().numpy()  # (vocab, hidden)
+    result = export_onnx(src, tmp_path / "onnx", weights="int4")
+    details = result.record["onnx"]["weights"]
+    assert details["embedding"] == "int8" and details["embedding_shared_with_lm_head"] is tied and result.validation["passed"]
+    model = onnx.load(str(result.artifact / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert not [name for name, t in inits.items() if t.shape == table.shape and t.dtype == np.float32]
+    (gbq,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    producers = {out: n for n in model.graph.node for out in n.output}
+    assert producers[gbq.input[2]].op_type == "Reshape"  # scales (vocab, blocks) -> (vocab, blocks, 1)
+    if tied:  # the head's own initializers, not a copy
+        assert gbq.input[0] == head.input[1] and producers[gbq.input[2]].input[0] == head.input[2]
+        scales = inits[head.input[2]].reshape(table.shape[0], -1)
+        attrs = {a.name: a.i for a in head.attribute}
+        head_weight = matmulnbits.dequantize(matmulnbits.NBitsWeight(B=inits[head.input[1]], scales=scales, zero_points=None, perm=None, K=attrs["K"], N=attrs["N"], bits=8, block_size=attrs["block_size"]))
+    else:
+        codes, scales = quantize_rows_int8(table, 128)
+        assert np.array_equal(inits[gbq.input[0]], codes.reshape(table.shape[0], -1, 128)) and np.array_equal(inits[producers[gbq.input[2]].input[0]], scales)
+    session = ort.InferenceSession(_embedding_subgraph(model).SerializeToString())
+    rows = session.run(None, {"input_ids": np.arange(table.shape[0], dtype=np.int64)[None]})[0][0]
+    step = np.abs(np.repeat(scales, 128, axis=1)[:, : table.shape[1]])  # ONNX Runtime's scales may be negative
+    assert rows.shape == table.shape and not np.array_equal(rows, table)
+    if tied:  # exactly the weights the head multiplies by, which ONNX Runtime rounded within a step of the table
+        np.testing.assert_array_equal(rows, head_weight.T)
+        assert np.all(np.abs(rows - table) <= step)
+    else:  # round to nearest
+        assert np.all(np.abs(rows - table) <= 0.5 * step * (1 + 1e-5))
+
+
+def test_int8_embedding_needs_a_quantized_export(tmp_path, fused_model):
+    with pytest.raises(ExportError, match="embedding='int8' needs weights int8 or int4"):
+        export_onnx(fused_model("llama"), tmp_path / "onnx", weights="fp32", embedding="int8")
+    result = export_onnx(fused_model("llama"), tmp_path / "float-embedding", weights="int4", embedding="float")
+    assert "GatherBlockQuantized" not in ops(result.artifact) and result.record["onnx"]["weights"].get("embedding") is None
