@@ -211,15 +211,21 @@ def ensure_exports(label: str, float_dir: str, gptq_dir: Path | None, work: Path
 def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args) -> list[tuple[str, str, object]]:
     """(name, kind, path) in run order."""
     found = [("torch-fp32", "torch", float_dir)]
-    found += [(name, "onnx", path) for name, path in ensure_exports(label, float_dir, gptq_dir, args.work, args.threads, args.only).items()]
+    exports = ensure_exports(label, float_dir, gptq_dir, args.work, args.threads, args.only)
+    found += [(name, "onnx", path) for name, path in exports.items()]
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        genai_runtime = True
+    except ImportError:
+        genai_runtime = False
+        print("onnxruntime_genai is not importable: the folders run through our loop only", file=sys.stderr)
     if genai_dir is not None:
         found.append(("builder-int4", "builder", genai_dir))
-        try:
-            import onnxruntime_genai  # noqa: F401
-
+        if genai_runtime:
             found.append(("builder-int4-genai-runtime", "genai-runtime", genai_dir))
-        except ImportError:
-            print("onnxruntime_genai is not importable: the builder folder runs through our loop only", file=sys.stderr)
+    if genai_runtime and "onnx-int4-gptq" in exports:  # our folder as apps built on onnxruntime-genai run it
+        found.append(("onnx-int4-gptq-genai-runtime", "genai-runtime", exports["onnx-int4-gptq"]))
     return [v for v in found if not args.only or v[0] in args.only]
 
 
@@ -261,7 +267,7 @@ def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth
     if args.quality_windows:
         windows = quality_windows(float_dir, args.work, args.quality_windows, args.quality_length)
         for name, kind, _, variant in loaded:
-            if kind != "genai-runtime":  # the same graph as builder-int4
+            if kind != "genai-runtime":  # the same graph as the folder's row in our loop
                 rows[name]["perplexity"] = {domain: round(perplexity(variant, w), 3) for domain, w in windows.items()}
                 print(f"[{label}] {name}: perplexity {rows[name]['perplexity']}", flush=True)
     del loaded

@@ -239,21 +239,17 @@ class OnnxCausalLM:
         binding = self.session.io_binding()
         # Bindings persist between runs. A CPU OrtValue made from a numpy array reads and writes that array's
         # memory, so the decode inputs (one token, its position) are bound once and then only overwritten, the
-        # mask is a view of one preallocated row of ones, and with the last position's logits only (the fused
-        # graph's num_logits_to_keep) every run writes its (1, 1, vocab) logits into one bound array: a decode
-        # step then crosses from Python to ONNX Runtime once, with nothing allocated or copied around it.
-        # Outputs come back in the order of first binding: logits first.
-        logits = self._logits_buffer()
-        if logits is not None:
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        else:
-            binding.bind_output("logits", "cpu")
+        # mask is a view of one preallocated row of ones, and every run that yields one position's logits (a
+        # decode step, or any run of a graph with num_logits_to_keep) writes them into one bound (1, 1, vocab)
+        # array. With a shared cache a decode step then crosses from Python to ONNX Runtime once, with nothing
+        # allocated or copied around it. Outputs come back in the order of first binding: logits first.
+        logits = _Logits(self, binding)
         cache.bind(binding)
         keep = np.asarray(1, np.int64)  # the arrays behind bound OrtValues live as long as the loop
         if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
             binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep))
         ones = np.ones((1, n + budget), np.int64)
-        done = self._prefill_chunks(binding, prompt_ids, ones, rebind_logits=logits is None) if self.kv_shareable else 0
+        done = self._prefill_chunks(binding, prompt_ids, ones, logits) if self.kv_shareable else 0
         tokens = np.asarray([prompt_ids[done:]], np.int64)
         positions = np.arange(done, n, dtype=np.int64)[None]
         for step in range(budget):
@@ -262,32 +258,20 @@ class OnnxCausalLM:
                 if self._has_positions:
                     binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(positions))
             binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(ones[:, :n]))
-            if logits is None:
-                binding.bind_output("logits", "cpu")
+            buffered = logits.bind(tokens.shape[1])
             self.session.run_with_iobinding(binding)
-            if logits is not None and self.kv_shareable:
-                row = logits[0, -1]
-            else:
-                outputs = binding.get_outputs()  # OrtValues, in binding order: logits first
-                row = outputs[0].numpy()[0, -1] if logits is None else logits[0, -1]
-                cache.advance(binding, outputs[1:])
+            outputs = None if (buffered and self.kv_shareable) else binding.get_outputs()  # logits first
+            row = logits.buffer[0, -1] if buffered else outputs[0].numpy()[0, -1]
             token = pick(row.astype(np.float32, copy=False))
             yield token
+            if outputs is not None:
+                cache.advance(binding, outputs[1:])
             if step == 0:
                 tokens, positions = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
             tokens[0, 0], positions[0, 0] = token, n
             n += 1
 
-    def _logits_buffer(self) -> np.ndarray | None:
-        """A (1, 1, vocab) array every run can write its logits into: graphs that compute the last position's
-        logits only (num_logits_to_keep) with a fixed vocabulary size; None for other graphs."""
-        shape = self.session.get_outputs()[0].shape
-        if not self._keeps_last or not isinstance(shape[-1], int):
-            return None
-        dtype = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
-        return np.zeros((1, 1, shape[-1]), dtype)
-
-    def _prefill_chunks(self, binding, prompt_ids: list[int], ones: np.ndarray, *, rebind_logits: bool) -> int:
+    def _prefill_chunks(self, binding, prompt_ids: list[int], ones: np.ndarray, logits: "_Logits") -> int:
         """Run all but the last `prefill_chunk` tokens of a long prompt in chunks, writing the shared cache; returns
         how many ran. GroupQueryAttention's prompt path computes every query against every key and masks the
         upper triangle; chunk by chunk, a query only meets the keys before its chunk's end (about half the work
@@ -299,11 +283,34 @@ class OnnxCausalLM:
             binding.bind_cpu_input("attention_mask", ones[:, :end])
             if self._has_positions:
                 binding.bind_cpu_input("position_ids", np.arange(done, end, dtype=np.int64)[None])
-            if rebind_logits:  # a (1, chunk, vocab) output: allocated by the run
-                binding.bind_output("logits", "cpu")
+            logits.bind(end - done)
             self.session.run_with_iobinding(binding)
             done = end
         return done
+
+
+class _Logits:
+    """Where a run writes its logits: one preallocated (1, 1, vocab) array, bound once, for runs that return a
+    single position (one input token, or num_logits_to_keep); otherwise an output ONNX Runtime allocates."""
+
+    def __init__(self, lm: "OnnxCausalLM", binding):
+        output = lm.session.get_outputs()[0]
+        vocab = output.shape[-1]
+        self.buffer = np.zeros((1, 1, vocab), np.float16 if "float16" in output.type else np.float32) if isinstance(vocab, int) else None
+        self._keeps_last = lm._keeps_last
+        self._binding = binding
+        self._bound: bool | None = None
+        binding.bind_output("logits", "cpu")  # bound first, so always the first of get_outputs()
+
+    def bind(self, positions: int) -> bool:
+        """Bind for a run over `positions` input tokens; returns whether the logits land in `buffer`."""
+        use = self.buffer is not None and (positions == 1 or self._keeps_last)
+        if use and not self._bound:
+            self._binding.bind_ortvalue_output("logits", _ort().OrtValue.ortvalue_from_numpy(self.buffer))
+        elif not use:  # an output bound to a device keeps the last run's shape: bind again for a new one
+            self._binding.bind_output("logits", "cpu")
+        self._bound = use
+        return use
 
 
 class _SharedKVCache:

@@ -232,3 +232,23 @@ def test_int8_embedding_needs_a_quantized_export(tmp_path, fused_model):
         export_onnx(fused_model("llama"), tmp_path / "onnx", weights="fp32", embedding="int8")
     result = export_onnx(fused_model("llama"), tmp_path / "float-embedding", weights="int4", embedding="float")
     assert "GatherBlockQuantized" not in ops(result.artifact) and result.record["onnx"]["weights"].get("embedding") is None
+
+
+def test_onnxruntime_genai_runs_the_int4_folder_with_the_8_bit_embedding(tmp_path, fused_model):
+    og = pytest.importorskip("onnxruntime_genai", reason="interop check runs where onnxruntime-genai installs (pip install onnxruntime-genai)")
+    from compress_exporters.runtime import OnnxCausalLM
+
+    result = export_onnx(fused_model("llama"), tmp_path / "onnx", weights="int4")
+    assert ops(result.artifact)["GatherBlockQuantized"] == 1
+    lm = OnnxCausalLM.from_dir(result.artifact, threads=1)
+    ids = PROMPTS[0]
+    model = og.Model(og.Config(str(result.artifact)))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == lm.generate(ids, max_new_tokens=10, stop_tokens=[]).token_ids
