@@ -191,6 +191,13 @@ class ExportSpec(Spec):
     exporter: Literal["auto", "fused", "dynamo", "legacy"] = Field("auto", description="auto = the fused graph (GroupQueryAttention, fused norms and projections) for Llama/Mistral/Qwen2/Qwen3 in fp32/int8/int4, torch.onnx dynamo otherwise; legacy = the deprecated TorchScript exporter.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads during validation (null = its default).")
 
+    @model_validator(mode="after")
+    def _check(self) -> "ExportSpec":
+        for key in ("lm_head", "embedding"):
+            if self.weights in ("fp32", "fp16") and getattr(self, key) == "int8":
+                raise ValueError(f"{key}: int8 needs weights int4 or int8; an {self.weights} export keeps every weight in {self.weights}")
+        return self
+
 
 class BenchSpec(Spec):
     eval: str | None = Field(None, description="Held-out text for perplexity, KL and top-1 agreement (same forms as data.eval); null = the recipe's data.eval (or data.train).")

@@ -133,3 +133,10 @@ def test_quantize_section_is_a_tagged_union(tmp_path):
         load_recipe(None, ["quantize.method=gptq", "quantize.group_size=0"])
     with pytest.raises(RecipeError, match=r"quantize.gptq.damp: Input should be greater than 0"):
         load_recipe(None, ["quantize.method=gptq", "quantize.damp=0"])
+
+
+@pytest.mark.parametrize("key", ["lm_head", "embedding"])
+def test_int8_head_or_embedding_needs_a_quantized_export(key):
+    with pytest.raises(RecipeError, match=f"export: .*{key}: int8 needs weights int4 or int8"):
+        load_recipe(None, ["export.weights=fp32", f"export.{key}=int8"])
+    assert getattr(load_recipe(None, ["export.weights=int4", f"export.{key}=int8"]).export, key) == "int8"
