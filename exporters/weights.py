@@ -179,12 +179,7 @@ def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, b
     nodes = list(graph.node)
     index = nodes.index(gather)
     nodes[index:index + 1] = new_nodes
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    remove_unused(model)
+    _rewrite(model, nodes, new_inits)
     return {"embedding": "int8", "embedding_block_size": size, "embedding_shared_with_lm_head": shared is not None}
 
 
@@ -275,13 +270,20 @@ def replace_with_nbits(model: onnx.ModelProto, weights: dict[str, tuple[str, NBi
             attrs["accuracy_level"] = accuracy_level
         new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{layer}/MatMulNBits", domain=MS_DOMAIN, **attrs))
         replaced.add(key)
+    _rewrite(model, new_nodes, new_inits)
+    return replaced
+
+
+def _rewrite(model: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:
+    """Install `nodes` as the graph's nodes with `new_inits` added (com.microsoft opset declared), then drop
+    what nothing reads any more."""
+    graph = model.graph
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     remove_unused(model)
-    return replaced
 
 
 class NBitsProjector:

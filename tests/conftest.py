@@ -150,3 +150,20 @@ def gptq_tiny_llama(root: Path, tokenizer_dir: Path, text_files: dict[str, Path]
         "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 16, "seq_len": 32}},
     })
     return run_quantize(recipe, str(float_dir), root / "gptq", progress=False).artifact
+
+
+def genai_greedy(folder: Path, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai's own runtime on an exported folder (the caller skips where it is
+    not installed)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(og.Config(str(folder)))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens

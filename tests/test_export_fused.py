@@ -235,20 +235,12 @@ def test_int8_embedding_needs_a_quantized_export(tmp_path, fused_model):
 
 
 def test_onnxruntime_genai_runs_the_int4_folder_with_the_8_bit_embedding(tmp_path, fused_model):
-    og = pytest.importorskip("onnxruntime_genai", reason="interop check runs where onnxruntime-genai installs (pip install onnxruntime-genai)")
+    pytest.importorskip("onnxruntime_genai", reason="interop check runs where onnxruntime-genai installs (pip install onnxruntime-genai)")
+    from conftest import genai_greedy
+
     from compress_exporters.runtime import OnnxCausalLM
 
     result = export_onnx(fused_model("llama"), tmp_path / "onnx", weights="int4")
     assert ops(result.artifact)["GatherBlockQuantized"] == 1
     lm = OnnxCausalLM.from_dir(result.artifact, threads=1)
-    ids = PROMPTS[0]
-    model = og.Model(og.Config(str(result.artifact)))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == lm.generate(ids, max_new_tokens=10, stop_tokens=[]).token_ids
+    assert genai_greedy(result.artifact, PROMPTS[0], 10) == lm.generate(PROMPTS[0], max_new_tokens=10, stop_tokens=[]).token_ids

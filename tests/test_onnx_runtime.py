@@ -166,15 +166,8 @@ def test_readme_shows_the_example_app():
 
 
 def test_onnxruntime_genai_loads_the_folder(exported, lm):
-    og = pytest.importorskip("onnxruntime_genai", reason="interop check runs where onnxruntime-genai installs (pip install onnxruntime-genai)")
+    pytest.importorskip("onnxruntime_genai", reason="interop check runs where onnxruntime-genai installs (pip install onnxruntime-genai)")
+    from conftest import genai_greedy
+
     ids = lm.encode(PROMPTS[1])
-    model = og.Model(og.Config(str(exported[1])))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    assert tokens == lm.generate(ids, max_new_tokens=10, stop_tokens=[]).token_ids
+    assert genai_greedy(exported[1], ids, 10) == lm.generate(ids, max_new_tokens=10, stop_tokens=[]).token_ids
