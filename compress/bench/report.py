@@ -92,6 +92,21 @@ def pareto_front(points: list[tuple[float, float]], *, larger_x_better: bool) ->
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _label_points(ax, points: list[tuple[float, float]], labels: list[str]) -> None:
+    """Names beside the points; a label that would overlap one already placed moves down a line (close
+    artifacts, e.g. a student and its GPTQ copy, stay readable)."""
+    ax.autoscale_view()  # data limits final before data -> display coordinates are read
+    scale = 72 / ax.figure.dpi  # display pixels -> points
+    placed: list[tuple[float, float]] = []
+    for (x, y), label in zip(points, labels):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        dy = 4.0
+        while any(abs(px - qx) < 8 * max(len(label), 4) and abs(py + dy - qy) < 9 for qx, qy in placed):
+            dy -= 10
+        placed.append((px, py + dy))
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
+
+
 def write_plots(results: dict, folder: Path) -> list[str]:
     """The PNGs that could be drawn (an axis missing for every artifact draws nothing)."""
     import matplotlib
@@ -113,14 +128,13 @@ def write_plots(results: dict, folder: Path) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         ax.scatter([p[0] for p in points], [p[1] for p in points], zorder=3)
-        for (x, y), label in zip(points, labels):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         front = pareto_front(points, larger_x_better=axis == "speed")
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", zorder=2, label="Pareto front")
         ax.set_xlabel("size on disk (MB)" if axis == "size" else f"decode tokens/s (batch {batch})")
         ppls = [p[1] for p in points]
         if max(ppls) > 10 * min(ppls):
             ax.set_yscale("log")
+        _label_points(ax, points, labels)
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title("quality vs size" if axis == "size" else "quality vs decode speed")
         ax.grid(alpha=0.3)
