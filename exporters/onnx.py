@@ -101,14 +101,11 @@ def export_onnx(
     _check_choice("device", device, DEVICES)
     _check_choice("int8_method", int8_method, INT8_METHODS)
     _check_choice("exporter", exporter, EXPORTERS)
-    if lm_head is not None:
-        _check_choice("lm_head", lm_head, LM_HEAD)
-        if weights in ("fp32", "fp16") and lm_head != "float":
-            raise ExportError(f"lm_head={lm_head!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
-    if embedding is not None:
-        _check_choice("embedding", embedding, LM_HEAD)
-        if weights in ("fp32", "fp16") and embedding != "float":
-            raise ExportError(f"embedding={embedding!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
+    for key, value in (("lm_head", lm_head), ("embedding", embedding)):
+        if value is not None:
+            _check_choice(key, value, LM_HEAD)
+            if weights in ("fp32", "fp16") and value != "float":
+                raise ExportError(f"{key}={value!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
     ort = _require_onnx("fused")  # onnxscript is checked once the exporter is resolved
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():

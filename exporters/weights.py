@@ -214,7 +214,7 @@ def _shareable_head(head: onnx.NodeProto | None, inits: dict, table: np.ndarray)
         zero_points=numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if len(head.input) == 4 and head.input[3] else None,
         perm=None, K=hidden, N=vocab, bits=8, block_size=size,
     )
-    if weight.scales.ndim != 2 or weight.B.ndim != 3:
+    if weight.B.ndim != 3:
         return None
     step = np.abs(np.repeat(weight.scales, size, axis=1)[:, :hidden])  # (vocab, hidden)
     # ONNX Runtime's symmetric 8-bit quantizer spans [-128, 127] (its scale is negative when the block's extreme
