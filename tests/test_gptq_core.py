@@ -191,13 +191,16 @@ def test_accumulate_hessian_in_batches():
         accumulate_hessian(H, n, torch.randn(4, 23))
 
 
-def test_accumulate_hessian_wide_inputs_use_symmetry():
-    # From 1024 columns on only the upper blocks are computed and the off-diagonal one mirrored.
-    X = correlated_inputs(600, 1030)
+@pytest.mark.parametrize("cols", [300, 600, 1030])  # 1, 2 and 4 row bands
+def test_accumulate_hessian_is_symmetric_and_exact_for_every_band_count(cols):
+    # From 512 columns on only the upper band of each row band is computed and mirrored.
+    X = correlated_inputs(700, cols)
     H, n = accumulate_hessian(None, 0, X[:250])
     H, n = accumulate_hessian(H, n, X[250:])
-    assert n == 600 and torch.equal(H[515:, :515], H[:515, 515:].T)
-    want = 2 / 600 * (X.double().T @ X.double())
+    assert n == 700
+    if cols >= 512:  # the part below the first band is a mirror, exactly
+        assert torch.equal(H[cols // 2 :, : cols // 4], H[: cols // 4, cols // 2 :].T)
+    want = 2 / 700 * (X.double().T @ X.double())
     torch.testing.assert_close(H.double(), want, rtol=1e-4, atol=1e-5 * float(want.diagonal().mean()))
 
 

@@ -38,7 +38,7 @@ def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, te
 
     calib, _ = calibration_blocks(recipe, recipe.quantize, AutoTokenizer.from_pretrained(wide_llama))
     spec = recipe.quantize
-    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
+    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, true_sequential=spec.true_sequential)
     reloaded = load_gptq(result.artifact)
     assert sum(isinstance(m, GPTQLinear) for m in reloaded.modules()) == 4 * 7
     ids = torch.randint(0, 300, (2, 24))

@@ -16,6 +16,7 @@ from torch import nn
 from compress.architectures import get_blocks, layer_layout
 from compress.quantize.gptq import accumulate_hessian, gptq_shared
 from compress.quantize.grid import QuantGrid, QuantResult, rtn
+from compress.quantize.suspended import SuspendedForwards, Workers
 
 
 class _Captured(Exception):
@@ -130,48 +131,77 @@ def quantize_blocks(
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
     states = [(h.to(dtype), _cast_floats(kw, dtype)) for h, kw in capture_block_inputs(model, calib, batch_size)] if method == "gptq" else []
+    shape: list[list[str]] | None = None  # the Linear groups of a block, by name inside the block
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
-    for i, block in enumerate(blocks):
-        mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
-        block_reports = []
-        if method == "gptq":
-            # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
-            runner = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
-            ours = {n: runner.get_submodule(n[len(f"{prefix}.{i}.") :]) for n in mine}
-            # Linears reading the same input (q/k/v; gate/up) share one Hessian. True-sequential takes
-            # the groups in turn, each calibrated through the already-quantized groups before it.
-            groups = linear_groups(runner, ours, states)
-            for stage in ([[g] for g in groups] if true_sequential else [groups]):
-                # Each forward stops once the stage's last group has its input (skips down_proj).
-                hessians = _block_hessians(runner, ours, stage, states, stop=True)
-                for group in stage:
-                    # One GPTQ pass over the stacked rows of the Linears sharing this input.
-                    H = hessians[group[0]]
-                    Ws = [linear_weight(mine[name]).float() for name in group]
-                    try:
-                        shared = gptq_shared(Ws, H, grid, **options)
-                    except ValueError as err:
-                        raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
-                    for name, W, res in zip(group, Ws, shared):
-                        block_reports.append(_report(name, W, res.Q, H))
-                        set_linear_weight(mine[name], res.Q)
-                        if runner is not block:
-                            set_linear_weight(ours[name], res.Q)
-                        results[name] = res
-            # The next block sees what this block produces *now that it is quantized*.
-            states = [(_block_output(runner(h, **kw)), kw) for h, kw in states]
-            del runner
-        else:
-            for name, module in mine.items():
-                W = linear_weight(module).float()
-                res = rtn(W, grid, group_size)
-                block_reports.append(_report(name, W, res.Q, None))
-                set_linear_weight(module, res.Q)
-                results[name] = res
-        reports.extend(block_reports)
-        if on_layer is not None:
-            on_layer(i, len(blocks), block_reports)
+    with Workers(len(states) if true_sequential else 0) as workers:  # threads kept for every block
+        for i, block in enumerate(blocks):
+            mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
+            block_reports: list[LayerReport] = []
+            if method == "gptq":
+                # Blocks of one model share their structure: find the groups (one extra forward) once.
+                local = {n[len(f"{prefix}.{i}.") :]: n for n in mine}
+                if shape is None or set(local) != {n for g in shape for n in g}:
+                    shape = None
+                states, shape = _gptq_block(block, mine, local, shape, states, dtype, grid, options, true_sequential, workers, block_reports, results)
+            else:
+                for name, module in mine.items():
+                    W = linear_weight(module).float()
+                    res = rtn(W, grid, group_size)
+                    block_reports.append(_report(name, W, res.Q, None))
+                    set_linear_weight(module, res.Q)
+                    results[name] = res
+            reports.extend(block_reports)
+            if on_layer is not None:
+                on_layer(i, len(blocks), block_reports)
     return results, reports
+
+
+def _gptq_block(block, mine, local, shape, states, dtype, grid, options, true_sequential, workers, reports, results):
+    """GPTQ of one block's Linears `mine` (full name -> module; `local` maps names inside the block
+    to full names) on the block's inputs `states`; returns the block's outputs as the next block's
+    states, and the Linear groups by local name."""
+    # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
+    runner = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+    ours = {full: runner.get_submodule(name) for name, full in local.items()}
+    # Linears reading the same input (q/k/v; gate/up) share one Hessian.
+    if shape is None:
+        by_local = {full: name for name, full in local.items()}
+        shape = [[by_local[n] for n in g] for g in linear_groups(runner, ours, states)]
+    groups = [[local[n] for n in g] for g in shape]
+
+    def quantize_group(group: list[str], H: torch.Tensor) -> None:
+        # One GPTQ pass over the stacked rows of the Linears sharing this input.
+        Ws = [linear_weight(mine[name]).float() for name in group]
+        try:
+            shared = gptq_shared(Ws, H, grid, **options)
+        except ValueError as err:
+            raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
+        for name, W, res in zip(group, Ws, shared):
+            reports.append(_report(name, W, res.Q, H))
+            set_linear_weight(mine[name], res.Q)
+            if runner is not block:
+                set_linear_weight(ours[name], res.Q)
+            results[name] = res
+
+    if true_sequential:
+        # Each group calibrated on inputs through the groups quantized before it, in one forward
+        # per batch: the forwards pause at each group's input (see `suspended`).
+        with SuspendedForwards(runner, [ours[g[0]] for g in groups], states, workers) as forwards:
+            for group in groups:
+                H, n = None, 0
+                for x in forwards.advance(ours[group[0]]):
+                    H, n = accumulate_hessian(H, n, x.reshape(-1, x.shape[-1]))
+                quantize_group(group, H)
+            outputs = forwards.finish()
+    else:
+        # The paper's order: every group's Hessian from the float block (a forward that stops once
+        # the last group has its input, skipping down_proj), then all groups quantized.
+        hessians = _block_hessians(runner, ours, groups, states, stop=True)
+        for group in groups:
+            quantize_group(group, hessians[group[0]])
+        outputs = [_block_output(runner(h, **kw)) for h, kw in states]
+    # The next block sees what this block produces *now that it is quantized*.
+    return [(out, kw) for out, (_, kw) in zip(outputs, states)], shape
 
 
 _FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -42,21 +42,18 @@ def accumulate_hessian(H: Tensor | None, n: int, X: Tensor) -> tuple[Tensor, int
         return H, n
     # Rescaling the old mean instead of summing then dividing keeps H at the data's scale throughout.
     beta, alpha = n / (n + m), 2 / (n + m)
-    if cols < _SPLIT_COLS:
+    # X^T X is symmetric: compute the upper band of each row band (diagonal block and right of it)
+    # and mirror it. On 2 CPU cores (AMD EPYC) 2 bands are ~18% faster than one full product at
+    # 576 columns; 4 bands ~30% at 1536 (more, smaller products lose to matmul overheads).
+    bands = 1 if cols < 512 else 2 if cols < 1024 else 4
+    if bands == 1:
         return torch.addmm(H.float(), X.T, X, beta=beta, alpha=alpha), n + m  # (cols, cols)
-    # Wide inputs (an MLP's down_proj): X^T X is symmetric, so compute the two diagonal blocks and
-    # the upper off-diagonal one (3/4 of the products) and mirror the latter.
-    b = cols // 2
     H = H.float() * beta  # (cols, cols), a new tensor
-    H[:b, :].addmm_(X[:, :b].T, X, alpha=alpha)
-    H[b:, b:].addmm_(X[:, b:].T, X[:, b:], alpha=alpha)
-    H[b:, :b] = H[:b, b:].T
+    edges = [cols * i // bands for i in range(bands + 1)]
+    for a, b in zip(edges, edges[1:]):
+        H[a:b, a:].addmm_(X[:, a:b].T, X[:, a:], alpha=alpha)
+        H[b:, a:b] = H[a:b, b:].T
     return H, n + m
-
-
-# From this width on accumulate_hessian computes only the upper blocks (~20% faster on 2 CPU cores
-# at 1536 columns; below ~1000 the smaller matmuls gain nothing).
-_SPLIT_COLS = 1024
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
