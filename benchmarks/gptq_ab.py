@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--label", required=True)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn (recipe seed)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--kw", nargs="*", default=[], help="extra quantize_blocks keyword arguments, KEY=JSON")
     parser.add_argument("--no-eval", action="store_true")
@@ -45,7 +46,7 @@ def main() -> None:
 
     kwargs = dict(act_order=True, damp=0.01, group_size=128)
     kwargs.update({k: json.loads(v) for k, v in (a.split("=", 1) for a in args.kw)})
-    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}"])
+    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}", f"seed={args.seed}"])
     model = models.load_model(args.model)
     tokenizer = models.load_tokenizer(args.model)
     calib, calib_hash = calibration_blocks(recipe, recipe.quantize, tokenizer)
@@ -76,7 +77,7 @@ def main() -> None:
     calibrate.accumulate_hessian = real_acc
     setattr(calibrate, core, real_gptq)
     row = {
-        "label": args.label, "model": args.model, "kwargs": {**kwargs, "group_size": group_size}, "calib_sha256": calib_hash,
+        "label": args.label, "model": args.model, "seed": args.seed, "kwargs": {**kwargs, "group_size": group_size}, "calib_sha256": calib_hash,
         "quantize_s": round(total, 1), "hessian_s": round(times["hessian"], 1), "gptq_s": round(times["gptq"], 1),
         "forwards_s": round(total - times["hessian"] - times["gptq"], 1),
         "loadavg_before": load_before, "loadavg_after": load_after, "threads": torch.get_num_threads(),

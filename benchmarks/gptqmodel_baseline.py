@@ -87,13 +87,13 @@ def _machine_state() -> dict:
     return {"loadavg_1_5_15": _load(), "busy_processes": _busy_processes()}
 
 
-def calibration(model: str, samples: int, seq_len: int):
+def calibration(model: str, samples: int, seq_len: int, seed: int = 0):
     """Our calibration blocks for `model` (its own tokenizer), exactly as run_quantize draws them."""
     from compress import models
     from compress.quantize.stage import calibration_blocks
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={samples}", f"quantize.calib.seq_len={seq_len}"])
+    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={samples}", f"quantize.calib.seq_len={seq_len}", f"seed={seed}"])
     tokenizer = models.load_tokenizer(model)
     blocks, digest = calibration_blocks(recipe, recipe.quantize, tokenizer)
     info = {"source": recipe.quantize.calib.source or recipe.data.train, "samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "seed": recipe.seed, "sha256": digest}
@@ -169,7 +169,7 @@ def run_row(model_label: str, model: str, label: str, work: Path, args, quality)
         row = {"variant": "float", "size_mb": weights_bytes(Path(source)) / 2**20, "quantize_s": 0.0}
         path = Path(source)
     else:
-        blocks, calib_info, _ = calibration(model, args.samples, args.calib_len)
+        blocks, calib_info, _ = calibration(model, args.samples, args.calib_len, args.seed)
         path = work / label
         shutil.rmtree(path, ignore_errors=True)
         print(f"{model_label} {label}: GPTQModel quantize, calibration {tuple(blocks.shape)} sha256 {calib_info['sha256'][:12]}", flush=True)
@@ -199,7 +199,7 @@ def render(results: dict) -> str:
         "",
         f"GPTQModel {results['gptqmodel_version']}: {BITS}-bit, group {GROUP_SIZE}, symmetric, damp {DAMP}, LM head kept float, "
         f"fp32 calibration, GPTQ v1 checkpoint; calibration = our blocks ({s['samples']} x {s['calib_len']} tokens of "
-        f"`builtin:pydocs/train`, seed 0, batch {s['batch_size']}). Perplexity by our fp32 loader and `evaluate_domains` "
+        f"`builtin:pydocs/train`, seed {s.get('seed', 0)}, batch {s['batch_size']}). Perplexity by our fp32 loader and `evaluate_domains` "
         f"on {s['eval_tokens']:,} tokens per domain, windows of {s['seq_len']}. Machine: {results['machine']}.",
         "",
     ]
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8, help="GPTQModel calibration batch (ours: quantize.batch_size=8; the Hessian is per token either way)")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn (recipe seed)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--results", type=Path, default=RESULTS / "gptqmodel_baseline.json", help="output json (the .md goes beside it)")
     parser.add_argument("--fresh", action="store_true")
@@ -259,7 +260,7 @@ def main() -> None:
     results.update(
         command=" ".join([Path(sys.executable).name, "benchmarks/gptqmodel_baseline.py", *sys.argv[1:]]) + "  (a Python with gptqmodel installed)",
         gptqmodel_version=gptqmodel.__version__,
-        settings={"samples": args.samples, "calib_len": args.calib_len, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens},
+        settings={"samples": args.samples, "calib_len": args.calib_len, "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens},
         machine=f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, GPTQMODEL_CPU_WORKERS={os.environ['GPTQMODEL_CPU_WORKERS']}, "
         f"torch {torch.__version__}, Python {platform.python_version()}",
     )
@@ -268,7 +269,7 @@ def main() -> None:
         models_to_run[TEACHER_LABEL] = args.teacher
     if args.only_model in (None, "student"):
         if args.student and (Path(args.student) / "config.json").is_file():
-            models_to_run[STUDENT_LABEL] = args.student
+            models_to_run[STUDENT_LABEL] = str(Path(args.student).resolve())  # GPTQModel runs in a scratch cwd
         else:
             print(f"student {args.student} not found: skipped", flush=True)
     md = out.with_suffix(".md")

@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--results", type=Path, default=RESULTS / "quantize_quality.json", help="output json (the .md goes beside it)")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
 
@@ -145,8 +146,9 @@ def main() -> None:
 
     from compress.artifacts import cpu_name
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "quantize_quality.json"
+    out = args.results
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = out.with_suffix(".md")
     results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"models": {}}
     command = "python benchmarks/quantize_quality.py " + " ".join(sys.argv[1:])
     # Rows accumulate over runs (a rerun skips finished rows), so keep every command that added some.
@@ -178,12 +180,12 @@ def main() -> None:
                     shutil.rmtree(work / label, ignore_errors=True)
                 print(f"{model_label} {label}: {rows[label]['ppl']} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 out.write_text(json.dumps(results, indent=2) + "\n")
-                (RESULTS / "quantize_quality.md").write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
+                md.write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "quantize_quality.md").write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
-    print((RESULTS / "quantize_quality.md").read_text())
+    md.write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
+    print(md.read_text())
 
 
 if __name__ == "__main__":

@@ -131,19 +131,15 @@ def quantize_blocks(
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
     states = [(h.to(dtype), _cast_floats(kw, dtype)) for h, kw in capture_block_inputs(model, calib, batch_size)] if method == "gptq" else []
-    shape: list[list[str]] | None = None  # the Linear groups of a block, by name inside the block
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     with Workers(len(states) if true_sequential else 0) as workers:  # threads kept for every block
+        run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results)
         for i, block in enumerate(blocks):
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
-            block_reports: list[LayerReport] = []
             if method == "gptq":
-                # Blocks of one model share their structure: find the groups (one extra forward) once.
-                local = {n[len(f"{prefix}.{i}.") :]: n for n in mine}
-                if shape is None or set(local) != {n for g in shape for n in g}:
-                    shape = None
-                states, shape = _gptq_block(block, mine, local, shape, states, dtype, grid, options, true_sequential, workers, block_reports, results)
+                states, block_reports = run(block, mine, f"{prefix}.{i}.", states)
             else:
+                block_reports = []
                 for name, module in mine.items():
                     W = linear_weight(module).float()
                     res = rtn(W, grid, group_size)
@@ -156,52 +152,64 @@ def quantize_blocks(
     return results, reports
 
 
-def _gptq_block(block, mine, local, shape, states, dtype, grid, options, true_sequential, workers, reports, results):
-    """GPTQ of one block's Linears `mine` (full name -> module; `local` maps names inside the block
-    to full names) on the block's inputs `states`; returns the block's outputs as the next block's
-    states, and the Linear groups by local name."""
-    # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
-    runner = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
-    ours = {full: runner.get_submodule(name) for name, full in local.items()}
-    # Linears reading the same input (q/k/v; gate/up) share one Hessian.
-    if shape is None:
-        by_local = {full: name for name, full in local.items()}
-        shape = [[by_local[n] for n in g] for g in linear_groups(runner, ours, states)]
-    groups = [[local[n] for n in g] for g in shape]
+@dataclass
+class _BlockGPTQ:
+    """GPTQ of one block at a time, with what all blocks share: settings, worker threads, results."""
 
-    def quantize_group(group: list[str], H: torch.Tensor) -> None:
-        # One GPTQ pass over the stacked rows of the Linears sharing this input.
-        Ws = [linear_weight(mine[name]).float() for name in group]
-        try:
-            shared = gptq_shared(Ws, H, grid, **options)
-        except ValueError as err:
-            raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
-        for name, W, res in zip(group, Ws, shared):
-            reports.append(_report(name, W, res.Q, H))
-            set_linear_weight(mine[name], res.Q)
-            if runner is not block:
-                set_linear_weight(ours[name], res.Q)
-            results[name] = res
+    grid: QuantGrid
+    options: dict
+    dtype: torch.dtype
+    true_sequential: bool
+    workers: Workers
+    results: dict[str, QuantResult]
+    shape: list[list[str]] | None = None  # the Linear groups, by name inside a block
 
-    if true_sequential:
-        # Each group calibrated on inputs through the groups quantized before it, in one forward
-        # per batch: the forwards pause at each group's input (see `suspended`).
-        with SuspendedForwards(runner, [ours[g[0]] for g in groups], states, workers) as forwards:
+    def __call__(self, block: nn.Module, mine: dict[str, nn.Module], prefix: str, states) -> tuple[list, list[LayerReport]]:
+        """Quantize the Linears `mine` (full name -> module) of `block` on its inputs `states`;
+        returns the quantized block's outputs (the next block's states) and the layer reports."""
+        reports: list[LayerReport] = []
+        # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
+        runner = block if self.dtype == torch.float32 else copy.deepcopy(block).to(self.dtype)
+        ours = {n: runner.get_submodule(n[len(prefix) :]) for n in mine}
+        # Linears reading the same input (q/k/v; gate/up) share one Hessian. Blocks of one model
+        # share their structure: the groups (one extra forward) are found once.
+        if self.shape is None or {prefix + n for g in self.shape for n in g} != set(mine):
+            self.shape = [[n[len(prefix) :] for n in g] for g in linear_groups(runner, ours, states)]
+        groups = [[prefix + n for n in g] for g in self.shape]
+
+        def quantize_group(group: list[str], H: torch.Tensor) -> None:
+            # One GPTQ pass over the stacked rows of the Linears sharing this input.
+            Ws = [linear_weight(mine[name]).float() for name in group]
+            try:
+                shared = gptq_shared(Ws, H, self.grid, **self.options)
+            except ValueError as err:
+                raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
+            for name, W, res in zip(group, Ws, shared):
+                reports.append(_report(name, W, res.Q, H))
+                set_linear_weight(mine[name], res.Q)
+                if runner is not block:
+                    set_linear_weight(ours[name], res.Q)
+                self.results[name] = res
+
+        if self.true_sequential:
+            # Each group calibrated on inputs through the groups quantized before it, in one forward
+            # per batch: the forwards pause at each group's input (see `suspended`).
+            with SuspendedForwards(runner, [ours[g[0]] for g in groups], states, self.workers) as forwards:
+                for group in groups:
+                    H, n = None, 0
+                    for x in forwards.advance(ours[group[0]]):
+                        H, n = accumulate_hessian(H, n, x.reshape(-1, x.shape[-1]))
+                    quantize_group(group, H)
+                outputs = forwards.finish()
+        else:
+            # The paper's order: every group's Hessian from the float block (a forward that stops
+            # once the last group has its input, skipping down_proj), then all groups quantized.
+            hessians = _block_hessians(runner, ours, groups, states, stop=True)
             for group in groups:
-                H, n = None, 0
-                for x in forwards.advance(ours[group[0]]):
-                    H, n = accumulate_hessian(H, n, x.reshape(-1, x.shape[-1]))
-                quantize_group(group, H)
-            outputs = forwards.finish()
-    else:
-        # The paper's order: every group's Hessian from the float block (a forward that stops once
-        # the last group has its input, skipping down_proj), then all groups quantized.
-        hessians = _block_hessians(runner, ours, groups, states, stop=True)
-        for group in groups:
-            quantize_group(group, hessians[group[0]])
-        outputs = [_block_output(runner(h, **kw)) for h, kw in states]
-    # The next block sees what this block produces *now that it is quantized*.
-    return [(out, kw) for out, (_, kw) in zip(outputs, states)], shape
+                quantize_group(group, hessians[group[0]])
+            outputs = [_block_output(runner(h, **kw)) for h, kw in states]
+        # The next block sees what this block produces *now that it is quantized*.
+        return [(out, kw) for out, (_, kw) in zip(outputs, states)], reports
 
 
 _FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
