@@ -96,6 +96,39 @@ def run_variant(model: str, label: str, settings: dict | None, work: Path, args)
     return row if settings is None else {**row, "loadavg_1min_before_after": load}
 
 
+def calibration_sha(model: str, args) -> str:
+    """sha256 of the calibration blocks our GPTQ rows of `model` use (as run_quantize draws them)."""
+    from compress import models
+    from compress.quantize.stage import calibration_blocks
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}"])
+    return calibration_blocks(recipe, recipe.quantize, models.load_tokenizer(model))[1]
+
+
+def peer_rows(path: Path, ours: dict[str, str], args) -> dict:
+    """GPTQModel rows from a `gptqmodel_baseline.py` result, by model label, for the same table; `ours`
+    maps our model labels to models. A row is taken only if it was calibrated on our very blocks."""
+    peer = json.loads(path.read_text())
+    taken: dict = {}
+    for model, rows in peer["models"].items():
+        if model not in ours:
+            continue
+        want = calibration_sha(ours[model], args)
+        for label, row in rows.items():
+            if label == "float" or "ppl" not in row:
+                continue
+            sha = row["calibration"]["sha256"]
+            if sha != want:
+                raise SystemExit(f"{path}: {model} {label} was calibrated on blocks {sha[:12]}..., ours on {want[:12]}...")
+            load = [row["machine_before"]["loadavg_1_5_15"][0], row["machine_after_quantize"]["loadavg_1_5_15"][0]]
+            taken.setdefault(model, {})[f"GPTQModel {peer['gptqmodel_version']} {label.removeprefix('gptqmodel-')}"] = {
+                "variant": label, "peer": path.name, "ppl": row["ppl"], "size_mb": row["size_mb"], "quantize_s": row["quantize_s"],
+                "loadavg_1min_before_after": load, "calib_sha256": sha, "command": peer["command"],
+            }
+    return taken
+
+
 def render(results: dict) -> str:
     lines = [
         "# Quantization: quality, size, time",
@@ -103,9 +136,10 @@ def render(results: dict) -> str:
         f"Calibration: {results['settings']['samples']} x {results['settings']['calib_len']} tokens of `builtin:pydocs/train` (seed 0); "
         f"perplexity on {results['settings']['eval_tokens']:,} tokens per domain, windows of {results['settings']['seq_len']}. "
         f"Machine: {results['machine']}. LM head kept in float; symmetric grid; damp 0.01. GPTQ rows use the recipe defaults "
-        "(`scale_search: mse-hessian`, `forward_dtype: bfloat16`) unless labelled `minmax-fp32` (min/max scales, fp32 forwards: "
-        "the defaults before, measured with commit cbc1092). Quantize times are on a shared 2-core machine: the load average "
-        "(1 min, before / after) says how shared; above ~2 the time is inflated.",
+        "(`scale_search: mse-hessian`, `forward_dtype: bfloat16`, `true_sequential: true` since session 4) unless labelled `minmax-fp32` (min/max scales, fp32 forwards: "
+        "the defaults before, measured with commit cbc1092). `GPTQModel` rows: GPTQModel's own run (`benchmarks/gptqmodel_baseline.py`) on the "
+        "same calibration blocks (sha256 checked), evaluated by the same code; its time is its `quantize()` call. Quantize times are on a shared "
+        "2-core machine: the load average (1 min, before / after) says how shared; above ~2 the time is inflated.",
         "",
     ]
     for model, rows in results["models"].items():
@@ -122,6 +156,9 @@ def render(results: dict) -> str:
         lines.append("")
     lines += [f"For context: {PAPER_CONTEXT}", "", "Commands (rows accumulate; a rerun skips finished rows):", ""]
     lines += [f"    {c}" for c in results.get("commands", [results["command"]])] + [""]
+    peers = sorted({row["command"] for rows in results["models"].values() for row in rows.values() if "peer" in row})
+    if peers:
+        lines += ["GPTQModel rows (then added with `--peer FILE.json`):", ""] + [f"    {c}" for c in peers] + [""]
     return "\n".join(lines)
 
 
@@ -137,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--results", type=Path, default=RESULTS / "quantize_quality.json", help="output json (the .md goes beside it)")
+    parser.add_argument("--peer", nargs="*", type=Path, default=[], help="gptqmodel_baseline.py result JSONs whose rows join the table")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
 
@@ -183,6 +221,9 @@ def main() -> None:
                 md.write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for path in args.peer:
+        for model, rows in peer_rows(path, models_to_run, args).items():
+            results["models"].setdefault(model, {}).update(rows)
     out.write_text(json.dumps(results, indent=2) + "\n")
     md.write_text(render({**results, "models": {m: {k: v for k, v in r.items() if "error" not in v} for m, r in results["models"].items()}}))
     print(md.read_text())

@@ -1,6 +1,9 @@
 """Paused block forwards (true-sequential GPTQ in one forward per block) equal restarting the block."""
 import copy
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -125,3 +128,31 @@ def test_true_sequential_gptq_is_deterministic_and_differs_from_the_papers_order
     q = "model.layers.0.self_attn.q_proj.weight"
     o = "model.layers.0.self_attn.o_proj.weight"
     assert torch.equal(a[q], paper[q]) and not torch.equal(a[o], paper[o])
+
+
+def test_ctrl_c_while_a_forward_runs_unwinds_every_forward():
+    # The caller is interrupted while batch 0 is still running (not paused): on exit it must be told to
+    # stop at its next pause, or waiting for it would hang.
+    block, leaders, groups, states = _block_and_inputs()
+    running = threading.Event()
+
+    def slow(module, args):
+        if threading.current_thread() is not threading.main_thread() and not running.is_set():
+            running.set()
+            time.sleep(0.3)
+
+    def interrupt():
+        running.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    handle = leaders[1].register_forward_pre_hook(slow, prepend=True)
+    try:
+        with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+            with SuspendedForwards(block, leaders, states) as forwards:
+                list(forwards.advance(leaders[0]))
+                threading.Thread(target=interrupt, daemon=True).start()
+                list(forwards.advance(leaders[1]))
+                time.sleep(5)  # not reached: the interrupt arrives while batch 0 runs
+    finally:
+        handle.remove()
+    assert all(b.task.done() for b in forwards.batches if b.task is not None)

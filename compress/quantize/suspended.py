@@ -38,7 +38,6 @@ class _Batch:
         self.block, self.hidden, self.kwargs, self.grad = block, hidden, kwargs, grad
         self.to_caller: queue.SimpleQueue = queue.SimpleQueue()  # ("stop", module, x) | ("done", out) | ("error", exc)
         self.to_batch: queue.SimpleQueue = queue.SimpleQueue()  # "go" | "abort"
-        self.waiting = False  # paused in a hook, written by the worker before it hands over
         self.task: Future | None = None
 
     def run(self) -> None:
@@ -56,10 +55,8 @@ class _Batch:
 
     def pause(self, module: nn.Module, x: torch.Tensor) -> None:
         """Called from the pre-hook on the worker: hand x over, then wait for "go"."""
-        self.waiting = True
         self.to_caller.put(("stop", module, x))
         command = self.to_batch.get()
-        self.waiting = False
         if command == "abort":
             raise _Abort
 
@@ -123,11 +120,12 @@ class SuspendedForwards:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        for batch in self.batches:  # unwind forwards still paused (an error or Ctrl-C in the caller)
-            if batch.waiting:
+        # Unwind forwards not yet finished (an error or Ctrl-C in the caller): a paused one reads "abort"
+        # now, one still running (Ctrl-C arrived while the caller waited on it) at its next stop.
+        for batch in self.batches:
+            if batch.task is not None and not batch.task.done():
                 batch.to_batch.put("abort")
-            if batch.task is not None:
-                wait([batch.task])
+        wait([b.task for b in self.batches if b.task is not None])
         if self._own:
             self.workers.pool.shutdown()
 
