@@ -139,7 +139,8 @@ def render(results: dict) -> str:
         "(`scale_search: mse-hessian`, `forward_dtype: bfloat16`, `true_sequential: true` since session 4) unless labelled `minmax-fp32` (min/max scales, fp32 forwards: "
         "the defaults before, measured with commit cbc1092). `GPTQModel` rows: GPTQModel's own run (`benchmarks/gptqmodel_baseline.py`) on the "
         "same calibration blocks (sha256 checked), evaluated by the same code; its time is its `quantize()` call. Quantize times are on a shared "
-        "2-core machine: the load average (1 min, before / after) says how shared; above ~2 the time is inflated.",
+        "2-core machine: the load average (1 min, before / after) says how shared; above ~2 the time is inflated. "
+        "Each row is one calibration draw; how much GPTQ results move between draws: `gptq_seeds.md`.",
         "",
     ]
     for model, rows in results["models"].items():
