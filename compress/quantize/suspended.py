@@ -18,6 +18,7 @@ code with saved stacks, not parallelism: results are deterministic and identical
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -43,7 +44,9 @@ class _Batch:
     def run(self) -> None:
         _current.batch = self
         try:
-            with torch.set_grad_enabled(self.grad):  # grad mode is per thread: carry the caller's
+            # Grad mode and the current CUDA device are per thread: carry the caller's.
+            device = torch.cuda.device(self.hidden.device) if self.hidden.is_cuda else contextlib.nullcontext()
+            with device, torch.set_grad_enabled(self.grad):
                 out = self.block(self.hidden, **self.kwargs)
             self.to_caller.put(("done", out[0] if isinstance(out, tuple) else out))
         except _Abort:
