@@ -35,21 +35,18 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    from benchmarks.quantize_quality import LICENSES, far_domain_file
+    from benchmarks.quantize_quality import LICENSES, calibration, far_domain_file
     from compress import models
     from compress.data import packed_blocks
     from compress.evaluate import perplexity_on_blocks
     from compress.quantize import calibrate
     from compress.quantize.grid import QuantGrid
-    from compress.quantize.stage import calibration_blocks
-    from compress.recipe import load_recipe
 
     kwargs = dict(act_order=True, damp=0.01, group_size=128)
     kwargs.update({k: json.loads(v) for k, v in (a.split("=", 1) for a in args.kw)})
-    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}", f"seed={args.seed}"])
     model = models.load_model(args.model)
-    tokenizer = models.load_tokenizer(args.model)
-    calib, calib_hash = calibration_blocks(recipe, recipe.quantize, tokenizer)
+    calib, calib_info, tokenizer = calibration(args.model, args.samples, args.calib_len, args.seed)
+    calib_hash = calib_info["sha256"]
 
     # Phase timers, wrapped around the driver's imports (the pure core stays untouched).
     times = {"hessian": 0.0, "gptq": 0.0}

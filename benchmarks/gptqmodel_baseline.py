@@ -87,19 +87,6 @@ def _machine_state() -> dict:
     return {"loadavg_1_5_15": _load(), "busy_processes": _busy_processes()}
 
 
-def calibration(model: str, samples: int, seq_len: int, seed: int = 0):
-    """Our calibration blocks for `model` (its own tokenizer), exactly as run_quantize draws them."""
-    from compress import models
-    from compress.quantize.stage import calibration_blocks
-    from compress.recipe import load_recipe
-
-    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={samples}", f"quantize.calib.seq_len={seq_len}", f"seed={seed}"])
-    tokenizer = models.load_tokenizer(model)
-    blocks, digest = calibration_blocks(recipe, recipe.quantize, tokenizer)
-    info = {"source": recipe.quantize.calib.source or recipe.data.train, "samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "seed": recipe.seed, "sha256": digest}
-    return blocks, info, tokenizer
-
-
 def quantize_with_gptqmodel(model_dir: str, blocks, desc_act: bool, out_dir: Path, batch_size: int) -> dict:
     """GPTQModel 4-bit g128 of `model_dir` from `blocks` (n, seq_len) into `out_dir` (GPTQ v1). Runs in a temp cwd."""
     import torch
@@ -169,7 +156,7 @@ def run_row(model_label: str, model: str, label: str, work: Path, args, quality)
         row = {"variant": "float", "size_mb": weights_bytes(Path(source)) / 2**20, "quantize_s": 0.0}
         path = Path(source)
     else:
-        blocks, calib_info, _ = calibration(model, args.samples, args.calib_len, args.seed)
+        blocks, calib_info, _ = quality.calibration(model, args.samples, args.calib_len, args.seed)
         path = work / label
         shutil.rmtree(path, ignore_errors=True)
         print(f"{model_label} {label}: GPTQModel quantize, calibration {tuple(blocks.shape)} sha256 {calib_info['sha256'][:12]}", flush=True)

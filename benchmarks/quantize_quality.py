@@ -96,14 +96,18 @@ def run_variant(model: str, label: str, settings: dict | None, work: Path, args)
     return row if settings is None else {**row, "loadavg_1min_before_after": load}
 
 
-def calibration_sha(model: str, args) -> str:
-    """sha256 of the calibration blocks our GPTQ rows of `model` use (as run_quantize draws them)."""
+def calibration(model: str, samples: int, seq_len: int, seed: int = 0):
+    """Our calibration blocks for `model` (its own tokenizer), exactly as run_quantize draws them:
+    (blocks, info with their sha256, tokenizer). The peer and A/B scripts draw theirs here too."""
     from compress import models
     from compress.quantize.stage import calibration_blocks
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={args.samples}", f"quantize.calib.seq_len={args.calib_len}"])
-    return calibration_blocks(recipe, recipe.quantize, models.load_tokenizer(model))[1]
+    recipe = load_recipe(None, ["quantize.method=gptq", f"quantize.calib.samples={samples}", f"quantize.calib.seq_len={seq_len}", f"seed={seed}"])
+    tokenizer = models.load_tokenizer(model)
+    blocks, digest = calibration_blocks(recipe, recipe.quantize, tokenizer)
+    info = {"source": recipe.quantize.calib.source or recipe.data.train, "samples": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "seed": recipe.seed, "sha256": digest}
+    return blocks, info, tokenizer
 
 
 def peer_rows(path: Path, ours: dict[str, str], args) -> dict:
@@ -114,7 +118,7 @@ def peer_rows(path: Path, ours: dict[str, str], args) -> dict:
     for model, rows in peer["models"].items():
         if model not in ours:
             continue
-        want = calibration_sha(ours[model], args)
+        want = calibration(ours[model], args.samples, args.calib_len)[1]["sha256"]
         for label, row in rows.items():
             if label == "float" or "ppl" not in row:
                 continue

@@ -198,7 +198,7 @@ class _BlockGPTQ:
                 for group in groups:
                     H, n = None, 0
                     for x in forwards.advance(ours[group[0]]):
-                        H, n = accumulate_hessian(H, n, x.reshape(-1, x.shape[-1]))
+                        H, n = accumulate_hessian(H, n, x)  # (..., cols) -> (cols, cols)
                     quantize_group(group, H)
                 outputs = forwards.finish()
         else:
@@ -261,7 +261,7 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: lis
     def make_hook(leader):
         def hook(module, args):
             x = args[0]
-            sums[leader] = accumulate_hessian(*sums[leader], x.reshape(-1, x.shape[-1]))
+            sums[leader] = accumulate_hessian(*sums[leader], x)
             if stop and leader == groups[-1][0]:
                 raise _StopForward
 
