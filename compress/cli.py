@@ -67,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.add_argument("--no-progress", action="store_true")
+    prune = sub.add_parser(
+        "prune",
+        help="prune a teacher by measured importance (depth, heads, MLP, hidden channels) into a smaller student",
+        description="Measure block, head and channel importance on calibration blocks of the recipe's data.train, "
+        "pick the shape within the parameter budget (or the explicit shape) that stays closest to the teacher, and "
+        "write it as a Hugging Face model folder with compress.json (scores, kept indices, candidates). Distil it "
+        "next with student.model: DIR, or use student.prune in a recipe to do both in one run.",
+        epilog="examples:\n  compress prune builtin:smollm2-135m --target-params 0.5 --output runs/pruned-0.5\n"
+        "  compress prune builtin:smollm2-135m --target-params 0.5 --axes depth --output runs/depth-0.5\n"
+        "  compress prune MODEL --set student.prune.shape.hidden_size=448 --set student.prune.shape.intermediate_size=1024 --output DIR\n\n" + _keys_help("student"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prune.add_argument("model", help="teacher: model folder, hub id or builtin:NAME")
+    prune.add_argument("--output", required=True, help="artifact folder to create")
+    prune.add_argument("--target-params", type=float, help="budget: a fraction of the teacher's parameters (below 1) or a count")
+    prune.add_argument("--axes", help="comma-separated axes a budget may prune: depth,heads,mlp,hidden (default all)")
+    prune.add_argument("--depth-metric", choices=["block_influence", "skip_kl"])
+    prune.add_argument("--recipe", help="recipe whose student.prune and data sections to use")
+    prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. --set student.prune.calib_samples=128")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.add_argument("--no-progress", action="store_true")
     from compress_exporters.cli import add_export_parser
 
     add_export_parser(sub)
@@ -117,6 +138,30 @@ def _quantize(args) -> int:
     overrides = [f"quantize.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     recipe = load_recipe(args.recipe, overrides + args.overrides)
     result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    print(describe(result))
+    return 0
+
+
+def _prune(args) -> int:
+    from compress.prune.stage import describe, run_prune
+    from compress.recipe import apply_override, validate_recipe
+
+    student_overrides = [o for o in args.overrides if o.strip().startswith("student.")]
+    recipe = load_recipe(args.recipe, [o for o in args.overrides if o not in student_overrides])
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    prune = data.get("student", {}).get("prune") or {}
+    if args.target_params is not None:
+        prune.pop("shape", None)
+        prune["target_params"] = args.target_params
+    if args.axes:
+        prune["axes"] = [a.strip() for a in args.axes.split(",") if a.strip()]
+    if args.depth_metric:
+        prune["depth_metric"] = args.depth_metric
+    data["student"] = {"prune": prune}
+    for assignment in student_overrides:
+        apply_override(data, assignment)
+    recipe = validate_recipe(data, args.recipe or "<command line>")
+    result = run_prune(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.no_progress)
     print(describe(result))
     return 0
 
@@ -181,7 +226,7 @@ def _export(args) -> int:
     return run_export_cli(args)
 
 
-COMMANDS = {"distill": _distill, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
+COMMANDS = {"distill": _distill, "prune": _prune, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,12 @@ def _check_models(recipe: Recipe) -> list[str]:
         why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim)), e.weights, e.int8_method)
         if why:
             return [f"export.exporter fused: {why}; use export.exporter auto (it falls back to torch.onnx)"]
+    try:
+        from compress.distill.loop import check_student
+
+        check_student(recipe)
+    except CompressError as err:
+        return [str(err)]
     if recipe.student.model:
         try:
             teacher_vocab = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code).get_vocab()

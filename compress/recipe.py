@@ -52,17 +52,51 @@ class FromTeacherSpec(Spec):
         return self
 
 
+class PruneShapeSpec(Spec):
+    num_hidden_layers: int | None = Field(None, ge=1, description="Blocks kept (the highest-importance ones, in the teacher's order); null = the teacher's.")
+    hidden_size: int | None = Field(None, ge=1, description="Residual (embedding) channels kept, a multiple of `multiple_of`; null = the teacher's.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP channels kept in every block, a multiple of `multiple_of`; null = the teacher's.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Query heads kept in every block: a multiple of the kept key/value heads, at most the teacher's query heads per key/value head each; null = the teacher's.")
+    num_key_value_heads: int | None = Field(None, ge=1, description="Key/value heads (whole grouped-query groups) kept; null = the teacher's, or as few as the query heads need.")
+
+
+class PruneSpec(Spec):
+    target_params: float | None = Field(None, gt=0, description="Parameter budget: a fraction of the teacher's parameters (below 1) or a parameter count (1 and above). Candidate shapes within `tolerance` below it are ranked by KL to the teacher right after pruning. Give this or `shape`.")
+    shape: PruneShapeSpec | None = Field(None, description="An explicit student shape instead of a budget.")
+    axes: list[Literal["depth", "heads", "mlp", "hidden"]] = Field(
+        default_factory=lambda: ["depth", "heads", "mlp", "hidden"], min_length=1,
+        description="What a budget may prune: `depth` (whole blocks, by `depth_metric`), `heads` (whole key/value groups or query heads inside each), `mlp` (MLP channels), `hidden` (residual channels of the embedding, every norm, every projection and the tied head). Width axes need a Llama-like model (llama, mistral, qwen2, qwen3).",
+    )
+    depth_metric: Literal["block_influence", "skip_kl"] = Field("block_influence", description="Block importance: ShortGPT's Block Influence (1 - cos(input, output) of the block), or the measured KL increase when that one block is skipped (one extra pass per block).")
+    calib_samples: int = Field(64, ge=1, description="Blocks of data.train (data.seq_len tokens each) the importance scores are measured on.")
+    proxy_samples: int = Field(8, ge=1, description="Further blocks of data.train on which each candidate shape's KL to the teacher is measured.")
+    candidates: int = Field(8, ge=1, description="Candidate shapes scored by the KL proxy (chosen by the share of importance each keeps, one per layer count and head layout).")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="Candidates may fall this fraction below the budget.")
+    multiple_of: int = Field(64, ge=1, description="Pruned widths (hidden, MLP) are multiples of this, so GPTQ groups and kernels tile them.")
+    batch_size: int = Field(8, ge=1, description="Blocks per forward pass while measuring.")
+    forward_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Autocast dtype of the measuring forwards (importance and the KL proxy); the pruned weights are copied exactly in the teacher's dtype. bfloat16 is several times faster on CPUs with bf16 units.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneSpec":
+        if (self.target_params is None) == (self.shape is None):
+            raise ValueError("give exactly one of target_params (a budget) or shape (explicit sizes)")
+        if self.target_params is not None and self.target_params >= 1 and self.target_params != int(self.target_params):
+            raise ValueError(f"target_params {self.target_params}: a fraction must be below 1, a parameter count a whole number")
+        return self
+
+
 class StudentSpec(Spec):
     from_teacher: FromTeacherSpec | None = Field(None, description="Build the student from a subset of the teacher's layers (embeddings, norms, lm_head copied).")
+    prune: PruneSpec | None = Field(None, description="Prune the teacher by measured importance (depth, heads, MLP and hidden channels) to a budget or shape; written to <output_dir>/pruned and reused while its inputs are unchanged.")
     config: dict[str, Any] | None = Field(None, description="Overrides on the teacher's config; the student is randomly initialised.")
     model: str | None = Field(None, description="An existing model (local folder or hub id) used as the student.")
     trust_remote_code: StrictBool = Field(False, description="Allow remote code for `student.model`.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StudentSpec":
-        given = [k for k in ("from_teacher", "config", "model") if getattr(self, k) is not None]
+        given = [k for k in ("from_teacher", "prune", "config", "model") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of from_teacher, config, model (got {given or 'none'})")
+            raise ValueError(f"give exactly one of from_teacher, prune, config, model (got {given or 'none'})")
         return self
 
 

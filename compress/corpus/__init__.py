@@ -28,6 +28,9 @@ CORPUS_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent
 BUILTIN_SPLITS: dict[str, pathlib.Path] = {
     "pydocs/train": CORPUS_DIR / "pydocs-train.jsonl.gz",
     "pydocs/eval": CORPUS_DIR / "pydocs-eval.jsonl.gz",
+    # A far domain for held-out evaluation only: the licence texts of Debian's /usr/share/common-licenses
+    # (legal English; each licence permits verbatim copies of its own text).
+    "licenses/eval": CORPUS_DIR / "licenses-eval.jsonl.gz",
 }
 
 

@@ -62,9 +62,13 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
 
 
-def build_student(recipe: Recipe, teacher, teacher_tokenizer):
+def build_student(recipe: Recipe, teacher, teacher_tokenizer, train_ids=None, *, progress: bool = True):
     """The student and a description of how it was made; vocabularies are checked here."""
     spec = recipe.student
+    if spec.prune is not None:
+        from compress.prune.stage import pruned_student
+
+        return pruned_student(recipe, teacher, teacher_tokenizer, train_ids, progress=progress)
     if spec.from_teacher is not None:
         student, keep = student_from_teacher(teacher, spec.from_teacher.layers)
         return student, {"from_teacher_layers": keep}
@@ -76,6 +80,23 @@ def build_student(recipe: Recipe, teacher, teacher_tokenizer):
     tokenizer = models.load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     models.check_same_vocab(teacher, teacher_tokenizer, student, tokenizer)
     return student, {"model": spec.model}
+
+
+def check_student(recipe: Recipe) -> None:
+    """Refuse, from the teacher's config alone, a student section that cannot fit the teacher
+    (layer indices out of range, a prune budget no valid shape meets, a shape that breaks head groups)."""
+    spec = recipe.student
+    if spec.from_teacher is None and spec.prune is None:
+        return
+    from compress.prune.stage import meta_model, plan_prune
+
+    structure = meta_model(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
+    if spec.from_teacher is not None:
+        from compress.architectures import num_layers, select_layers
+
+        select_layers(num_layers(structure.config), spec.from_teacher.layers)
+    else:
+        plan_prune(structure, spec.prune)
 
 
 def default_hidden_pairs(made: dict, student_layers: int) -> list[tuple[int, int]]:
@@ -120,15 +141,16 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         raise DistillError(f"distill.batch_size={spec.batch_size} is not divisible by the {world} processes")
     device = accelerator.device
 
+    check_student(recipe)
     t = recipe.teacher
     teacher = models.load_model(t.model, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
     tokenizer = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
     check_plain_head(teacher)
+    blocks = load_blocks(recipe.data, tokenizer)
     torch.manual_seed(recipe.seed)
-    student, made = build_student(recipe, teacher, tokenizer)
+    student, made = build_student(recipe, teacher, tokenizer, blocks.train, progress=progress and accelerator.is_main_process)
     student = student.to(torch.float32)
     student.config.use_cache = False
-    blocks = load_blocks(recipe.data, tokenizer)
 
     teacher.to(device).eval().requires_grad_(False)
     teacher_head = _head(teacher)
@@ -224,6 +246,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
             extra={"recipe_file": recipe_file},
         )
         unwrapped = accelerator.unwrap_model(model).student
+        unwrapped.config.use_cache = True  # off only for training; a saved model generates with its KV cache
         write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), overwrite=overwrite)
     accelerator.wait_for_everyone()
     return DistillResult(artifact=artifact, metrics=metrics, steps=step)
