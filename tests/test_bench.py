@@ -178,8 +178,10 @@ def test_cli_bench_reuses_measurements_and_prints_the_table(bench, zoo, text_fil
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| `teacher` | float |" in out and "| `onnx-fp32` | onnx |" in out and "results.json" in out
-    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # a model folder is not a report folder
+    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["student"])]) == 2  # a model folder is not a report folder
     assert "not a compress bench folder" in capsys.readouterr().err
+    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # nor is the artifact measured
+    assert f"the output {zoo['teacher']} is the input" in capsys.readouterr().err
 
 
 def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path, zoo, text_files):
