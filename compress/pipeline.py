@@ -96,14 +96,13 @@ def _check_outputs(recipe: Recipe, *, overwrite_any: bool) -> list[str]:
     """The run folder and each stage's output, as the stage itself will check it (compress.artifacts.check_output).
     The run replaces its own stage artifacts on --resume and --overwrite alike; a folder compress did not
     write in a stage's place needs --overwrite-any. Nothing may be, contain or lie inside an input."""
-    from compress import models
     from compress.bench.stage import BENCH_FOLDER
     from compress.distill.loop import distill_inputs
 
     model_inputs, reads = distill_inputs(recipe)
     reads += [recipe.quantize.calib.source if isinstance(recipe.quantize, GPTQSpec) else None, recipe.bench and recipe.bench.eval]
     # Estimate: the student is at most the teacher's size; each later stage checks its own input's size.
-    checks = [(recipe.run_dir, dict(inputs=model_inputs, expected_bytes=size_on_disk(models.local_path(recipe.teacher.model)), kind=FOLDER))]
+    checks = [(recipe.run_dir, dict(inputs=model_inputs, expected_bytes=size_on_disk(model_inputs[0]), kind=FOLDER))]
     for stage, output in stage_outputs(recipe).items():
         checks.append((output, dict(inputs=reads, overwrite=True, overwrite_any=overwrite_any, kind=BENCH_FOLDER if stage == "bench" else ARTIFACT)))
     problems = []

@@ -121,7 +121,7 @@ def export_onnx(
     from compress_exporters import build
 
     output = Path(output_dir)
-    local = models.local_path(str(model_dir))
+    local = models.on_disk(str(model_dir))
     # Estimate: the input's size (an fp32 export of a float model is about as large; quantized formats are smaller).
     check_output(output, inputs=[local], overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(local))
 

@@ -134,6 +134,18 @@ def test_quantize_bad_output_fails_before_the_model_loads(tmp_path, tokenizer_di
     assert f"not enough free disk for the output {tmp_path / 'q'}: it needs about {needed:,} bytes" in err and "has 1,000 free" in err
 
 
+def test_bad_output_is_refused_before_a_builtin_model_is_converted(tmp_path, capsys, monkeypatch):
+    import compress.models as models
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "builtin_model_dir", lambda name: pytest.fail("builtin model converted before the output check"))
+    (tmp_path / "file").write_text("x")
+    for argv in (["quantize", "builtin:smollm2-135m", "--method", "rtn"], ["export", "builtin:smollm2-135m"]):
+        assert main([*argv, "--output", str(tmp_path / "file" / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"lies under the file {tmp_path / 'file'}" in err and "Traceback" not in err
+
+
 def test_quantize_clears_a_dead_runs_staging_folder(tmp_path, tokenizer_dir, text_files, capsys):
     model = _tiny_model(tmp_path / "m", tokenizer_dir)
     out = tmp_path / "q"

@@ -86,8 +86,8 @@ def default_hidden_pairs(made: dict, student_layers: int) -> list[tuple[int, int
 
 def distill_inputs(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
     """(the models the run reads, those and its data files): what its run folder and its student may not be,
-    contain, or lie inside (compress.artifacts.check_output skips hub ids and builtin names)."""
-    model_inputs = [recipe.teacher.model, recipe.student.model]
+    contain, or lie inside (what is not on disk, such as a hub id, is skipped)."""
+    model_inputs = [models.on_disk(recipe.teacher.model), models.on_disk(recipe.student.model)]
     return model_inputs, model_inputs + [recipe.data.train, recipe.data.eval]
 
 
@@ -99,7 +99,7 @@ def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, overwrite
     overwrite = overwrite or overwrite_any
     model_inputs, all_inputs = distill_inputs(recipe)
     # The student is at most the teacher's size; checkpoints add a few student-sized files.
-    expected = size_on_disk(models.local_path(recipe.teacher.model))
+    expected = size_on_disk(model_inputs[0])
     check_output(run_dir, inputs=model_inputs, expected_bytes=expected, kind=FOLDER)
     check_output(artifact, inputs=all_inputs, overwrite=overwrite, overwrite_any=overwrite_any)
     check_output(ckpts, inputs=all_inputs, kind=FOLDER)

@@ -91,11 +91,10 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
         raise QuantizeError("the recipe has no quantize section (give --method or a recipe with quantize:)")
     start = time.perf_counter()
     output = Path(output)
-    local = models.local_path(source)
     data = recipe.data
-    read_paths = [local, spec.calib.source if isinstance(spec, GPTQSpec) else None, data.train, data.eval]
+    read_paths = [models.on_disk(source), spec.calib.source if isinstance(spec, GPTQSpec) else None, data.train, data.eval]
     # The quantized folder is smaller than its float input: the input's size bounds it.
-    check_output(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(local))
+    check_output(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(read_paths[0]))
     model = models.load_model(source)
     if getattr(model.config, "quantization_config", None):
         raise QuantizeError(f"{source} is already quantized; quantize a float model")
@@ -103,7 +102,7 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     tokenizer = models.load_tokenizer(source)
     device = _device(spec)
     held_out = eval_blocks(recipe, tokenizer)
-    inputs = [describe_input("model", source, local)]
+    inputs = [describe_input("model", source, models.local_path(source))]
     extra: dict = {}
     if isinstance(spec, (GPTQSpec, RTNSpec)):
         check_packable(model, spec)
