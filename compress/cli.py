@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(distill)
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output_dir>/checkpoints")
-    distill.add_argument("--overwrite", action="store_true", help="replace an existing student artifact / start over")
+    distill.add_argument("--overwrite", action="store_true", help="start over: replace the student artifact and remove the earlier run's checkpoints")
+    distill.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace a <output_dir>/student folder compress did not write (never an input)")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     quantize = sub.add_parser(
         "quantize",
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--samples", type=int, help="calibration sequences")
     quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ desc_act")
     quantize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
-    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing artifact (a folder compress wrote) at --output")
+    quantize.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace a folder compress did not write (never the input)")
     quantize.add_argument("--no-progress", action="store_true")
     prune = sub.add_parser(
         "prune",
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--depth-metric", choices=["block_influence", "skip_kl"])
     prune.add_argument("--recipe", help="recipe whose student.prune and data sections to use")
     prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. --set student.prune.calib_samples=128")
-    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output artifact (a folder compress wrote)")
+    prune.add_argument("--overwrite-any", action="store_true", help="also replace a non-empty folder compress did not write (never an input)")
     prune.add_argument("--no-progress", action="store_true")
     from compress_exporters.cli import add_export_parser
 
@@ -104,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(run)
     run.add_argument("--resume", action="store_true", help="continue an existing run folder, skipping finished stages whose inputs are unchanged")
-    run.add_argument("--overwrite", action="store_true", help="start over, replacing every stage's output")
+    run.add_argument("--overwrite", action="store_true", help="start over, replacing every stage's artifact (only folders compress wrote)")
+    run.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace stage folders compress did not write (never an input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench = sub.add_parser(
         "bench",
@@ -137,7 +141,7 @@ def _quantize(args) -> int:
     flags = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib.source": args.calib, "calib.samples": args.samples, "act_order": args.act_order}
     overrides = [f"quantize.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     recipe = load_recipe(args.recipe, overrides + args.overrides)
-    result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress)
     print(describe(result))
     return 0
 
@@ -161,7 +165,7 @@ def _prune(args) -> int:
     for assignment in student_overrides:
         apply_override(data, assignment)
     recipe = validate_recipe(data, args.recipe or "<command line>")
-    result = run_prune(recipe, args.model, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    result = run_prune(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress)
     print(describe(result))
     return 0
 
@@ -173,7 +177,7 @@ def _distill(args) -> int:
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
-    result = run_distill(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, recipe_file=args.recipe)
+    result = run_distill(recipe, resume=args.resume, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress, recipe_file=args.recipe)
     ev = result.metrics["eval"]
     print(
         f"student: {result.artifact}\n"
@@ -189,11 +193,11 @@ def _run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        check_chain(recipe, resume=True, source=args.recipe or "the recipe")
+        check_chain(recipe, resume=True, overwrite_any=args.overwrite_any, source=args.recipe or "the recipe")
         print(dump_recipe(recipe), end="")
         print("# stages: " + ", ".join(f"{stage} -> {path}" for stage, path in stage_outputs(recipe).items()))
         return 0
-    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, recipe_file=args.recipe)
+    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress, recipe_file=args.recipe)
     if result.report:
         print()
         print(result.report)

@@ -65,9 +65,13 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
+def _builtin_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
 def builtin_model_dir(name: str) -> Path:
     """Convert the embedded GGUF model into a plain HF folder once; later calls reuse it."""
-    target = cache_root() / "models" / name
+    target = _builtin_dir(name)
     if (target / "config.json").is_file():
         return target
     gguf = _builtin_gguf(name)
@@ -120,6 +124,19 @@ def local_path(name: str) -> Path | None:
     """The folder a model name refers to on this machine, or None for a hub id."""
     source = resolve_source(name)
     return Path(source) if Path(source).exists() else None
+
+
+def on_disk(name: str | None) -> Path | None:
+    """The local file or folder `name` refers to if it is on disk now, else None (hub ids, missing paths, a builtin
+    model not yet converted). Converts nothing and refuses nothing: output checks compare against it before
+    any model loads."""
+    if name is None:
+        return None
+    if name.startswith(BUILTIN_PREFIX):
+        folder = _builtin_dir(name[len(BUILTIN_PREFIX):])
+        return folder if (folder / "config.json").is_file() else None
+    path = Path(name).expanduser()
+    return path if path.exists() else None
 
 
 def load_model(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from compress.artifacts import RECORD_FILE, hash_path, settings_key, write_json_atomic
+from compress.artifacts import ARTIFACT, FOLDER, RECORD_FILE, check_output, hash_path, settings_key, size_on_disk, write_json_atomic
 from compress.errors import CompressError
-from compress.recipe import BnbSpec, Recipe
+from compress.recipe import BnbSpec, GPTQSpec, Recipe
 
 RUN_FILE = "run.json"
 STAGES = ("distill", "quantize", "export", "bench")
@@ -57,8 +57,8 @@ def stage_outputs(recipe: Recipe) -> dict[str, Path]:
     return outputs
 
 
-def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, source: str = "the recipe") -> None:
-    """Refuse, before any compute, a recipe whose stages cannot all finish."""
+def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, source: str = "the recipe") -> None:
+    """Refuse, before any compute, a recipe whose stages cannot all finish or whose outputs may not be written."""
     problems = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append("compress run is single-process; distil on several GPUs with `accelerate launch -m compress.cli distill RECIPE`, then `compress run RECIPE --resume` skips the finished distillation")
@@ -87,6 +87,31 @@ def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     run = recipe.run_dir
     if run.exists() and any(run.iterdir()) and not (resume or overwrite):
         raise RunPlanError(f"{run} already exists; pass --resume to continue it (finished stages with unchanged inputs are skipped) or --overwrite to start over")
+    problems = _check_outputs(recipe, overwrite_any=overwrite_any)
+    if problems:
+        raise RunPlanError(f"{source} cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def _check_outputs(recipe: Recipe, *, overwrite_any: bool) -> list[str]:
+    """The run folder and each stage's output, as the stage itself will check it (compress.artifacts.check_output).
+    The run replaces its own stage artifacts on --resume and --overwrite alike; a folder compress did not
+    write in a stage's place needs --overwrite-any. Nothing may be, contain or lie inside an input."""
+    from compress.bench.stage import BENCH_FOLDER
+    from compress.distill.loop import distill_inputs
+
+    model_inputs, reads = distill_inputs(recipe)
+    reads += [recipe.quantize.calib.source if isinstance(recipe.quantize, GPTQSpec) else None, recipe.bench and recipe.bench.eval]
+    # Estimate: the student is at most the teacher's size; each later stage checks its own input's size.
+    checks = [(recipe.run_dir, dict(inputs=model_inputs, expected_bytes=size_on_disk(model_inputs[0]), kind=FOLDER))]
+    for stage, output in stage_outputs(recipe).items():
+        checks.append((output, dict(inputs=reads, overwrite=True, overwrite_any=overwrite_any, kind=BENCH_FOLDER if stage == "bench" else ARTIFACT)))
+    problems = []
+    for output, kwargs in checks:
+        try:
+            check_output(output, **kwargs)
+        except CompressError as err:
+            problems.append(str(err))
+    return problems
 
 
 def _check_packages(recipe: Recipe) -> list[str]:
@@ -197,9 +222,13 @@ class _RunState:
         write_json_atomic(self.path, self.data)
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True, recipe_file: str | None = None, log: Callable[[str], None] = print) -> RunResult:
+def run_recipe(
+    recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True,
+    recipe_file: str | None = None, log: Callable[[str], None] = print,
+) -> RunResult:
     """Check the chain, then run or skip each stage in order; returns what was done and the bench report."""
-    check_chain(recipe, resume=resume, overwrite=overwrite, source=recipe_file or "the recipe")
+    overwrite = overwrite or overwrite_any
+    check_chain(recipe, resume=resume, overwrite=overwrite, overwrite_any=overwrite_any, source=recipe_file or "the recipe")
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     outputs = stage_outputs(recipe)
@@ -229,7 +258,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
             if redo and not upstream_changed:
                 log(f"{stage}: the recipe or the input changed since {output} was written: redoing it")
             state.mark(stage, key, "running", output)
-            _run_stage(stage, recipe, artifacts, output, resume=interrupted and not overwrite, progress=progress, recipe_file=recipe_file, log=log)
+            _run_stage(stage, recipe, artifacts, output, resume=interrupted and not overwrite, overwrite_any=overwrite_any, progress=progress, recipe_file=recipe_file, log=log)
             upstream_changed = True
             input_sha = hash_path(output)
             state.mark(stage, key, "done", output, input_sha)
@@ -238,26 +267,26 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return result
 
 
-def _run_stage(stage: str, recipe: Recipe, artifacts, output: Path, *, resume: bool, progress: bool, recipe_file, log) -> None:
+def _run_stage(stage: str, recipe: Recipe, artifacts, output: Path, *, resume: bool, overwrite_any: bool, progress: bool, recipe_file, log) -> None:
     previous = artifacts[-1][1]
     if stage == "distill":
         from compress.distill.loop import run_distill
 
         if resume:
             log("distill: continuing from the last checkpoint of the interrupted run")
-        r = run_distill(recipe, resume=resume, overwrite=not resume, progress=progress, recipe_file=recipe_file)
+        r = run_distill(recipe, resume=resume, overwrite=not resume, overwrite_any=overwrite_any, progress=progress, recipe_file=recipe_file)
         ev = r.metrics["eval"]
         log(f"distill: {r.artifact}: eval ppl {ev['student_ppl']:.2f} (teacher {ev['teacher_ppl']:.2f}), top-1 agreement {ev['top1_agreement']:.1%}")
     elif stage == "quantize":
         from compress.quantize.stage import describe, run_quantize
 
-        log(describe(run_quantize(recipe, previous, output, overwrite=True, progress=progress)))
+        log(describe(run_quantize(recipe, previous, output, overwrite=True, overwrite_any=overwrite_any, progress=progress)))
     elif stage == "export":
         from compress_exporters.cli import describe
         from compress_exporters.onnx import export_onnx
 
         e = recipe.export
-        log(describe(export_onnx(previous, output, weights=e.weights, device=e.device, accuracy_level=e.accuracy_level, overwrite=True,
+        log(describe(export_onnx(previous, output, weights=e.weights, device=e.device, accuracy_level=e.accuracy_level, overwrite=True, overwrite_any=overwrite_any,
                                  exporter=e.exporter, lm_head=e.lm_head, embedding=e.embedding, int8_method=e.int8_method, threads=e.threads)))
 
 

@@ -339,9 +339,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            data = yaml.load(path.read_text(), Loader=_Loader) or {}
+            data = yaml.load(path.read_text(), Loader=_Loader)
         except yaml.YAMLError as err:
             raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        if data is None:  # no document, or only comments: most likely a mistake, not a request for every default
+            raise RecipeError(f"recipe file is empty: {path}; write its sections into it (see recipes/), or give no recipe file to use every default")
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: the recipe must be a mapping of sections, got {type(data).__name__}")
     for assignment in overrides:

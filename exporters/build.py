@@ -163,7 +163,7 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
     return proto, details
 
 
-def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: Tolerance, providers: list[str], threads: int | None, overwrite: bool, start: float) -> ExportResult:
+def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: Tolerance, providers: list[str], threads: int | None, overwrite: bool, start: float, overwrite_any: bool = False) -> ExportResult:
     import onnx
     import torch
 
@@ -183,7 +183,7 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
     notes = []
     if settings["weights"] == "fp16" and settings["device"] == "cpu":
         notes.append("fp16 is meant for CUDA (--device cuda): ONNX Runtime's CPU provider has few fp16 kernels and runs it slower than fp32; on CPU prefer fp32, int8 or int4")
-    with staging_dir(output, overwrite=overwrite) as tmp:
+    with staging_dir(output, inputs=[source.local], overwrite=overwrite, overwrite_any=overwrite_any) as tmp:
         work = tmp / ".work"
         work.mkdir()
         t0 = time.perf_counter()

@@ -35,7 +35,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, help="ONNX opset (default 20 with dynamo, 17 with legacy)")
     parser.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", help="validation prompt (repeatable; default: four built-in prompts)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads during validation")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing ONNX artifact (a folder compress wrote) at --output")
+    parser.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace a folder compress did not write (never the input)")
     return parser
 
 
@@ -50,6 +51,7 @@ def run_export_cli(args) -> int:
         opset=args.opset,
         accuracy_level=args.accuracy_level,
         overwrite=args.overwrite,
+        overwrite_any=args.overwrite_any,
         validate_prompts=args.prompts,
         exporter=args.exporter,
         lm_head=args.lm_head,

@@ -79,6 +79,7 @@ def export_onnx(
     opset: int | None = None,
     accuracy_level: int | None = None,
     overwrite: bool = False,
+    overwrite_any: bool = False,
     validate_prompts: Sequence[str] | None = None,
     exporter: str = "auto",
     lm_head: str | None = None,
@@ -95,7 +96,9 @@ def export_onnx(
     formats): 0 = fp32 activations, 4 = int8 activations inside the kernel (default, faster). `lm_head`:
     "float" or "int8"; default int8 for int8/int4 exports. `embedding`: "float" or "int8" (GatherBlockQuantized,
     sharing the 8-bit head's codes when the head is tied); default: as the LM head. `device="cuda"` validates on ONNX Runtime's CUDA
-    provider and fails if it is not obtained. `validate_prompts`: texts for the validation (default: four)."""
+    provider and fails if it is not obtained. `validate_prompts`: texts for the validation (default: four).
+    `overwrite` replaces an existing artifact at `output_dir`; `overwrite_any` also a folder compress did not
+    write; never the input (compress.artifacts.check_output)."""
     start = time.perf_counter()
     _check_choice("weights", weights, WEIGHTS)
     _check_choice("device", device, DEVICES)
@@ -113,13 +116,14 @@ def export_onnx(
             f"device='cuda' needs ONNX Runtime's CUDAExecutionProvider; this onnxruntime offers {ort.get_available_providers()}. "
             "Install onnxruntime-gpu instead of onnxruntime: pip uninstall onnxruntime && pip install 'compress-llm[onnx-gpu]'"
         )
-    output = Path(output_dir)
-    if output.exists() and not overwrite:
-        from compress.artifacts import ArtifactExistsError
-
-        raise ArtifactExistsError(f"{output} already exists; pass --overwrite to replace it")
-
+    from compress import models
+    from compress.artifacts import check_output, size_on_disk
     from compress_exporters import build
+
+    output = Path(output_dir)
+    local = models.on_disk(str(model_dir))
+    # Estimate: the input's size (an fp32 export of a float model is about as large; quantized formats are smaller).
+    check_output(output, inputs=[local], overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(local))
 
     source = build.inspect_source(model_dir, weights)
     refusal = build.fused_refusal(source, weights, int8_method)
@@ -153,7 +157,7 @@ def export_onnx(
         key = f"{weights}-gptq-exact" if exact else f"{weights}-gptq"
     else:
         key = "int8-dynamic" if dynamic else weights
-    return build.build_artifact(source, output, settings=settings, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, start=start)
+    return build.build_artifact(source, output, settings=settings, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, overwrite_any=overwrite_any, start=start)
 
 
 def _check_choice(name: str, value, allowed) -> None:

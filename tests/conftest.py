@@ -117,6 +117,26 @@ def text_files(tmp_path_factory) -> dict[str, Path]:
     return {"train": train, "eval": held}
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def staging_name(target: Path) -> str:
+    """The name compress.artifacts.staging_dir gives its folder for `target` in this process."""
+    from compress.artifacts import staging_dir
+
+    with pytest.raises(RuntimeError):
+        with staging_dir(target, overwrite=True) as tmp:
+            name = tmp.name
+            raise RuntimeError
+    return name
+
+
 def tiny_recipe(tmp_path: Path, teacher: Path, text_files: dict[str, Path], **distill) -> dict:
     """A recipe dict for a few fast steps on a tiny teacher."""
     settings = dict(steps=6, batch_size=2, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3, keep_last=2)

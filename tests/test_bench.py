@@ -11,6 +11,7 @@ from compress.bench.report import pareto_front
 from compress.bench.stage import MEASUREMENTS_FILE, run_bench
 from compress.bench.subjects import BenchInputError, inspect_artifact, teacher_from_lineage
 from compress.data import packed_blocks
+from compress.errors import CompressError
 from compress.recipe import BenchSpec
 from conftest import save_tiny
 
@@ -123,7 +124,7 @@ def test_bad_inputs_are_named(tmp_path, zoo, tokenizer_dir, text_files):
         run_bench(spec, [str(tmp_path / "no/such/model")], tmp_path / "out", eval_default=str(text_files["eval"]), log=lambda _: None)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(BenchInputError, match="not a compress bench folder"):
+    with pytest.raises(CompressError, match="not a compress bench folder"):
         run_bench(spec, [str(zoo["teacher"])], tmp_path / "taken", eval_default=str(text_files["eval"]), log=lambda _: None)
     with pytest.raises(BenchInputError, match="share the label"):
         run_bench(spec, [str(zoo["teacher"]), str(zoo["student"])], tmp_path / "out", labels=["a", "a"], eval_default=str(text_files["eval"]), log=lambda _: None)
@@ -136,6 +137,17 @@ def test_bad_inputs_are_named(tmp_path, zoo, tokenizer_dir, text_files):
     with pytest.raises(BenchInputError, match="different vocabulary"):
         run_bench(spec, [str(zoo["teacher"]), str(other)], tmp_path / "out", eval_default=str(text_files["eval"]), log=lambda _: None)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_report_inside_an_artifact_is_refused(tmp_path, tokenizer_dir, text_files, monkeypatch):
+    import compress.bench.stage as stage
+
+    model = save_tiny(tmp_path / "m", "llama", tokenizer_dir, layers=1)
+    monkeypatch.setattr(stage, "inspect_artifact", lambda *a, **k: pytest.fail("artifacts inspected before the output check"))
+    for output, message in ((model / "bench", "lies inside the input"), (tmp_path, "contains the input")):
+        with pytest.raises(CompressError, match=message):
+            run_bench(BenchSpec(**SPEC), [str(model)], output, eval_default=str(text_files["eval"]), log=lambda _: None)
+    assert not (model / "bench").exists()
 
 
 def test_teacher_is_found_through_the_lineage(zoo):
@@ -166,8 +178,10 @@ def test_cli_bench_reuses_measurements_and_prints_the_table(bench, zoo, text_fil
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| `teacher` | float |" in out and "| `onnx-fp32` | onnx |" in out and "results.json" in out
-    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # a model folder is not a report folder
+    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["student"])]) == 2  # a model folder is not a report folder
     assert "not a compress bench folder" in capsys.readouterr().err
+    assert main(["bench", str(zoo["teacher"]), "--output", str(zoo["teacher"])]) == 2  # nor is the artifact measured
+    assert f"the output {zoo['teacher']} is the input" in capsys.readouterr().err
 
 
 def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path, zoo, text_files):

@@ -1,8 +1,10 @@
 import json
+import os
 import subprocess
 import sys
 
-from conftest import tiny_recipe
+import pytest
+from conftest import dead_pid, staging_name, tiny_recipe
 
 from compress.cli import main
 
@@ -71,3 +73,117 @@ def test_export_command_is_wired(tmp_path, capsys):
     assert main(["export", str(tmp_path / "no" / "such" / "model"), "--output", str(tmp_path / "onnx")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "onnx").exists()
+
+
+def _tiny_model(root, tokenizer_dir):
+    from conftest import save_tiny
+
+    return save_tiny(root, "llama", tokenizer_dir, layers=1)
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_overwrite_never_deletes_foreign_folders_or_the_input(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import compress_exporters.build as build
+
+    monkeypatch.setattr(build, "load_reference", lambda *a, **k: pytest.fail("model loaded before the output check"))
+    model = _tiny_model(tmp_path / "art" / "m", tokenizer_dir)
+    before = _files(tmp_path / "art")
+    mine = tmp_path / "some" / "folder"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(["export", str(model), "--output", str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"compress export: error: {mine} exists and is not a compress artifact" in err and "--overwrite-any" in err and "Traceback" not in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    for output, message in ((model, "is the input"), (model / "onnx", "lies inside the input"), (tmp_path / "art", "contains the input")):
+        assert main(["export", str(model), "--output", str(output), "--overwrite-any"]) == 2
+        err = capsys.readouterr().err
+        assert f"the output {output} {message} {model}" in err and "Traceback" not in err
+    assert _files(tmp_path / "art") == before
+
+
+def test_quantize_bad_output_fails_before_the_model_loads(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    from collections import namedtuple
+
+    import compress.artifacts as artifacts
+    import compress.models as models
+
+    model = _tiny_model(tmp_path / "m", tokenizer_dir)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
+    (tmp_path / "file").write_text("x")
+    base = ["quantize", str(model), "--method", "rtn", "--bits", "8", "--no-progress"]
+    assert main(base + ["--output", str(tmp_path / "file" / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"compress quantize: error: the output {tmp_path / 'file' / 'q'} lies under the file {tmp_path / 'file'}" in err and "Traceback" not in err
+
+    real_access = artifacts.os.access
+    monkeypatch.setattr(artifacts.os, "access", lambda p, mode: str(p) != str(tmp_path / "locked") and real_access(p, mode))
+    (tmp_path / "locked").mkdir()
+    assert main(base + ["--output", str(tmp_path / "locked" / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'locked'} is not writable" in err and "Traceback" not in err
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
+    needed = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    assert main(base + ["--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"not enough free disk for the output {tmp_path / 'q'}: it needs about {needed:,} bytes" in err and "has 1,000 free" in err
+
+
+def test_bad_output_is_refused_before_a_builtin_model_is_converted(tmp_path, capsys, monkeypatch):
+    import compress.models as models
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "builtin_model_dir", lambda name: pytest.fail("builtin model converted before the output check"))
+    (tmp_path / "file").write_text("x")
+    for argv in (["quantize", "builtin:smollm2-135m", "--method", "rtn"], ["export", "builtin:smollm2-135m"]):
+        assert main([*argv, "--output", str(tmp_path / "file" / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"lies under the file {tmp_path / 'file'}" in err and "Traceback" not in err
+
+
+def test_quantize_clears_a_dead_runs_staging_folder(tmp_path, tokenizer_dir, text_files, capsys):
+    model = _tiny_model(tmp_path / "m", tokenizer_dir)
+    out = tmp_path / "q"
+    live = tmp_path / staging_name(out)  # as if another run into the same folder were under way
+    stale = tmp_path / live.name.replace(f"-{os.getpid()}@", f"-{dead_pid()}@")
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half-written by a killed run")
+    argv = ["quantize", str(model), "--method", "rtn", "--bits", "8", "--group-size", "32", "--output", str(out), "--no-progress",
+            "--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=128", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "compress.json").is_file()
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")) == [live.name]
+
+
+def test_empty_recipe_file_is_an_error(tmp_path, capsys):
+    for text in ("", "# nothing here yet\n\n"):
+        recipe = tmp_path / "empty.yaml"
+        recipe.write_text(text)
+        for command in ("distill", "run"):
+            assert main([command, str(recipe), "--dry-run"]) == 2
+            err = capsys.readouterr().err
+            assert f"compress {command}: error: recipe file is empty: {recipe}" in err and "Traceback" not in err
+
+
+def test_distill_refuses_a_run_folder_inside_the_teacher(tmp_path, teachers, text_files, capsys):
+    import shutil
+
+    import yaml
+
+    teacher = shutil.copytree(teachers["gpt2"], tmp_path / "teacher")
+    before = _files(teacher)
+    data = tiny_recipe(tmp_path, teacher, text_files, steps=2, eval_every=2, save_every=2)
+    data["output_dir"] = str(teacher / "run")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["distill", str(recipe), "--no-progress", "--overwrite-any"]) == 2
+    err = capsys.readouterr().err
+    assert f"the output {teacher / 'run'} lies inside the input {teacher}" in err and "Traceback" not in err
+    assert _files(teacher) == before

@@ -1,13 +1,14 @@
 """End to end on tiny models: every family distils, artifacts record lineage, runs resume exactly, bad input fails clearly."""
 import json
+import os
 
 import pytest
 import torch
-from conftest import FAMILIES, save_tiny, tiny_recipe
+from conftest import FAMILIES, dead_pid, save_tiny, staging_name, tiny_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from compress.artifacts import ArtifactExistsError, hash_path, read_record
+from compress.artifacts import ArtifactExistsError, OutputPathError, hash_path, read_record
 from compress.distill import loop
 from compress.distill.loop import DistillError, run_distill
 from compress.models import IncompatibleModelsError, ModelSourceError
@@ -67,6 +68,32 @@ def test_existing_output_is_not_overwritten(tmp_path, teachers, text_files):
         run_distill(recipe, progress=False)
     assert hash_path(first.artifact) == before
     run_distill(recipe, progress=False, overwrite=True)
+
+
+def test_overwrite_refuses_a_student_folder_compress_did_not_write(tmp_path, teachers, text_files, monkeypatch):
+    recipe = recipe_for(tmp_path, teachers["llama"], text_files, steps=2, eval_every=2, save_every=1)
+    mine = recipe.run_dir / "student"
+    mine.mkdir(parents=True)
+    (mine / "notes.md").write_text("mine")
+    monkeypatch.setattr(loop.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the output check"))
+    with pytest.raises(OutputPathError, match="not a compress artifact .*pass --overwrite-any") as err:
+        run_distill(recipe, progress=False, overwrite=True)
+    assert str(mine) in str(err.value)
+    assert (mine / "notes.md").read_text() == "mine"
+
+
+def test_overwrite_removes_only_the_runs_own_checkpoints(tmp_path, teachers, text_files):
+    recipe = recipe_for(tmp_path, teachers["llama"], text_files, steps=2, eval_every=2, save_every=1)
+    ckpts = recipe.run_dir / "checkpoints"
+    old = ckpts / "step-00000099"
+    old.mkdir(parents=True)
+    (old / "state.json").write_text("{}")
+    (ckpts / "README.txt").write_text("a note of mine")
+    killed = ckpts / staging_name(ckpts / "step-00000001").replace(f"-{os.getpid()}@", f"-{dead_pid()}@")
+    killed.mkdir()
+    run_distill(recipe, progress=False, overwrite=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["README.txt", "step-00000001"]
+    assert (ckpts / "README.txt").read_text() == "a note of mine"
 
 
 def test_leftover_checkpoints_need_resume_or_overwrite(tmp_path, teachers, text_files, monkeypatch):

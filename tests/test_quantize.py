@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from compress.artifacts import read_record
+from compress.artifacts import ArtifactExistsError, read_record
 from compress.quantize.calibrate import quantize_blocks
 from compress.quantize.gptq_checkpoint import GPTQLinear, load_gptq
 from compress.quantize.grid import QuantGrid
@@ -89,7 +89,7 @@ def test_bad_input_fails_before_calibration(tmp_path, teachers, wide_llama, text
     with pytest.raises(QuantizeError, match=r"quantizing the LM head \(lm_head\) is not supported"):
         run_quantize(make_recipe(tmp_path, text_files, skip=[]), str(wide_llama), tmp_path / "d", progress=False)
     (tmp_path / "e").mkdir()
-    with pytest.raises(QuantizeError, match="already exists"):
+    with pytest.raises(ArtifactExistsError, match="already exists"):
         run_quantize(make_recipe(tmp_path, text_files), str(wide_llama), tmp_path / "e", progress=False)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".a", ".b", ".c", ".d"))], "half-written output left behind"
 

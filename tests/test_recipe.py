@@ -94,6 +94,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path, "- 1\n- 2\n"))
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# to do: fill in\n"])
+def test_empty_recipe_file_is_an_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=f"recipe file is empty: {path}"):
+        load_recipe(path, ["distill.steps=5"])
+    assert load_recipe(write(tmp_path, "{}\n")) == load_recipe(None)  # an explicit empty mapping is all defaults
+
+
 def test_round_trip():
     recipe = load_recipe(None, ["distill.hidden.pairs=[[1, 2]]", "distill.betas=[0.8, 0.9]"])
     again = validate_recipe(yaml.safe_load(dump_recipe(recipe)))

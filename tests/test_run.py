@@ -135,3 +135,34 @@ def test_cli_run_dry_run_and_errors(tmp_path, teachers, text_files, capsys):
     assert main(["run", str(path), "--set", "quantize.bits=3", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "quantize.bits 3 cannot be exported" in err
+
+
+def test_stage_folders_compress_did_not_write_are_refused_before_compute(tmp_path, teachers, text_files):
+    recipe = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files))
+    mine = tmp_path / "run" / "gptq-4bit"
+    mine.mkdir(parents=True)
+    (mine / "notes.md").write_text("mine")
+    for flags in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(RunPlanError, match="not a compress artifact .*--overwrite-any") as err:
+            run_recipe(recipe, progress=False, log=lambda _: None, **flags)
+        assert str(mine) in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["gptq-4bit"]
+    assert (mine / "notes.md").read_text() == "mine"
+    check_chain(recipe, overwrite=True, overwrite_any=True)  # the explicit flag lets it be replaced
+
+
+def test_run_folder_inside_the_teacher_is_refused(tmp_path, teachers, text_files, capsys):
+    import shutil
+
+    import yaml
+
+    teacher = shutil.copytree(teachers["llama"], tmp_path / "teacher")
+    data = full_recipe(tmp_path, teacher, text_files)
+    data["output_dir"] = str(teacher / "runs" / "x")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for extra in (["--dry-run"], ["--overwrite-any", "--no-progress"]):
+        assert main(["run", str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"the output {teacher / 'runs' / 'x'} lies inside the input {teacher}" in err and "Traceback" not in err
+    assert not (teacher / "runs").exists()

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from compress.artifacts import cpu_name, library_versions, settings_key, write_json_atomic
+from compress.artifacts import OutputKind, check_output, cpu_name, library_versions, settings_key, write_json_atomic
 from compress.bench import report as report_md
 from compress.bench.quality import measure_quality
 from compress.bench.speed import measure_in_subprocess
@@ -30,6 +30,8 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 MEASUREMENTS_FILE = ".measurements.json"
 FORMAT_VERSION = 1
+# The report folder is added to in place (finished measurements are reused), never replaced.
+BENCH_FOLDER = OutputKind("compress bench folder", (RESULTS_FILE, MEASUREMENTS_FILE), replaced=False)
 SPEED_KEYS = ("prompt_lengths", "new_tokens", "decode_prompt", "batch_sizes", "repeats", "warmup", "threads")
 
 
@@ -46,12 +48,6 @@ def _device(spec: BenchSpec) -> torch.device:
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise BenchInputError("bench.device is cuda but torch sees no CUDA device")
     return torch.device("cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def _check_output(output: Path) -> None:
-    if output.exists() and not (output / RESULTS_FILE).is_file() and not (output / MEASUREMENTS_FILE).is_file():
-        if not output.is_dir() or any(output.iterdir()):
-            raise BenchInputError(f"{output} exists and is not a compress bench folder; choose another --output")
 
 
 def _check_labels(labels: list[str]) -> None:
@@ -109,7 +105,7 @@ def run_bench(
     if labels is not None and len(labels) != len(artifacts):
         raise BenchInputError(f"{len(labels)} labels for {len(artifacts)} artifacts")
     output = Path(output)
-    _check_output(output)
+    check_output(output, inputs=[*artifacts, teacher, spec.eval or eval_default], kind=BENCH_FOLDER)
     if spec.plots:
         try:
             import matplotlib  # noqa: F401

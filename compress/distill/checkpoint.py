@@ -1,21 +1,23 @@
 """Training checkpoints: model (safetensors), optimizer and scheduler state, RNG, step.
 
-Each checkpoint is written into a temporary folder and renamed when complete; the last
-`keep_last` are kept. Optimizer state is read back with `torch.load(weights_only=True)`.
+Each checkpoint is written into a staging folder (compress.artifacts.staging_dir) and renamed when complete;
+the last `keep_last` are kept. Optimizer state is read back with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from compress.artifacts import OutputKind, remove_stale, staging_dir
+
 _NAME = re.compile(r"^step-(\d{8})$")
+_STAGED = re.compile(r"^\.(step-\d{8})\.(tmp|old)-")
+CHECKPOINT = OutputKind("checkpoint", ("state.json",), replaced=True)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -51,21 +53,29 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     if rank != 0:
         # Ranks > 0 only contribute their RNG stream; rank 0 renames the folder after a barrier.
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
-    try:
+    with staging_dir(target, overwrite=True, kind=CHECKPOINT) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Start over: remove the checkpoints and the dead runs' staging folders in `root`, nothing else (the
+    folder itself only when that leaves it empty)."""
+    if not root.is_dir():
+        return
+    for path in checkpoint_dirs(root):
+        shutil.rmtree(path)
+    for name in sorted({m.group(1) for p in root.iterdir() if (m := _STAGED.match(p.name))}):
+        remove_stale(root / name)
+        if (root / name).is_dir():  # an old checkpoint a killed run had moved aside, just put back
+            shutil.rmtree(root / name)
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

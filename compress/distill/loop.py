@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 
 from compress import models
 from compress.architectures import student_from_config, student_from_teacher
-from compress.artifacts import ArtifactExistsError, ArtifactRecord, describe_input, device_info, write_artifact
+from compress.artifacts import FOLDER, ArtifactExistsError, ArtifactRecord, check_output, describe_input, device_info, size_on_disk, write_artifact
 from compress.data import batch_indices, load_blocks
-from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from compress.distill.losses import perplexity
 from compress.errors import CompressError
 from compress.distill.objective import DistillObjective, _head, check_plain_head, evaluate, run_teacher
@@ -106,14 +105,29 @@ def default_hidden_pairs(made: dict, student_layers: int) -> list[tuple[int, int
     return [(j + 1, t + 1) for j, t in enumerate(keep)][:student_layers]
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def distill_inputs(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
+    """(the models the run reads, those and its data files): what its run folder and its student may not be,
+    contain, or lie inside (what is not on disk, such as a hub id, is skipped)."""
+    model_inputs = [models.on_disk(recipe.teacher.model), models.on_disk(recipe.student.model)]
+    return model_inputs, model_inputs + [recipe.data.train, recipe.data.eval]
+
+
+def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, overwrite_any: bool = False) -> None:
+    """Check the run folder and the student's place before any model loads; on a fresh start, remove the earlier
+    run's checkpoints (only those: other files in the folder are left alone)."""
+    run_dir = recipe.run_dir
     artifact, ckpts = run_dir / STUDENT_DIR, run_dir / CHECKPOINT_DIR
-    if artifact.exists() and not overwrite:
-        raise ArtifactExistsError(f"{artifact} already exists; pass --overwrite to train again")
+    overwrite = overwrite or overwrite_any
+    model_inputs, all_inputs = distill_inputs(recipe)
+    # The student is at most the teacher's size; checkpoints add a few student-sized files.
+    expected = size_on_disk(model_inputs[0])
+    check_output(run_dir, inputs=model_inputs, expected_bytes=expected, kind=FOLDER)
+    check_output(artifact, inputs=all_inputs, overwrite=overwrite, overwrite_any=overwrite_any)
+    check_output(ckpts, inputs=all_inputs, kind=FOLDER)
     if ckpts.exists() and latest_checkpoint(ckpts) and not (resume or overwrite):
         raise ArtifactExistsError(f"{ckpts} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over")
-    if overwrite and not resume and ckpts.exists():
-        shutil.rmtree(ckpts)
+    if overwrite and not resume:
+        remove_checkpoints(ckpts)
 
 
 def _accelerator(spec):
@@ -126,13 +140,13 @@ def _accelerator(spec):
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
 
 
-def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True, recipe_file: str | None = None) -> DistillResult:
+def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True, recipe_file: str | None = None) -> DistillResult:
     start_time = time.perf_counter()
     spec = recipe.distill
     run_dir = recipe.run_dir
     accelerator = _accelerator(spec)
     if accelerator.is_main_process:
-        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        _prepare_run_dir(recipe, resume=resume, overwrite=overwrite, overwrite_any=overwrite_any)
     accelerator.wait_for_everyone()
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
@@ -247,7 +261,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         )
         unwrapped = accelerator.unwrap_model(model).student
         unwrapped.config.use_cache = True  # off only for training; a saved model generates with its KV cache
-        write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), overwrite=overwrite)
+        write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), inputs=distill_inputs(recipe)[1], overwrite=overwrite, overwrite_any=overwrite_any)
     accelerator.wait_for_everyone()
     return DistillResult(artifact=artifact, metrics=metrics, steps=step)
 

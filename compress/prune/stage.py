@@ -7,7 +7,6 @@ budget no shape meets or a shape later stages cannot use fails before any comput
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 
 from compress import models
 from compress.architectures import StudentSpecError, get_blocks
-from compress.artifacts import ArtifactExistsError, ArtifactRecord, describe_input, device_info, read_record, settings_key, write_artifact
+from compress.artifacts import ArtifactRecord, check_output, describe_input, device_info, read_record, settings_key, size_on_disk, write_artifact
 from compress.distill.losses import perplexity
 from compress.prune import importance as imp
 from compress.prune.measure import Importance, final_hidden, kl_to_teacher, measure_importance
@@ -204,14 +203,14 @@ def _identity(recipe, teacher_hash: str | None) -> str:
     return settings_key(keep, recipe.student.prune.model_dump(mode="json"), teacher_hash)
 
 
-def run_prune(recipe, teacher_source: str, output: str | Path, *, overwrite: bool = False, progress: bool = True, log=print) -> PruneResult:
+def run_prune(recipe, teacher_source: str, output: str | Path, *, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True, log=print) -> PruneResult:
     """`compress prune`: the recipe's `student.prune` applied to `teacher_source`, written to `output`."""
     from compress.data import load_blocks
 
     start = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ArtifactExistsError(f"{output} already exists; pass --overwrite to replace it")
+    inputs = [models.on_disk(teacher_source), recipe.data.train]
+    check_output(output, inputs=inputs, overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(inputs[0]))
     spec = recipe.student.prune
     t = recipe.teacher
     plan_prune(meta_model(teacher_source, trust_remote_code=t.trust_remote_code), spec)  # bad budgets and shapes fail here, before loading
@@ -230,7 +229,7 @@ def run_prune(recipe, teacher_source: str, output: str | Path, *, overwrite: boo
         extra={"identity": _identity(recipe, describe_input("teacher", teacher_source, local).get("sha256"))},
     )
     result.model.config.use_cache = True
-    write_artifact(output, record, lambda d: models.save_model(result.model, tokenizer, d), overwrite=overwrite)
+    write_artifact(output, record, lambda d: models.save_model(result.model, tokenizer, d), inputs=inputs, overwrite=overwrite, overwrite_any=overwrite_any)
     result.artifact = output
     return result
 
@@ -257,7 +256,7 @@ def pruned_student(recipe, teacher: nn.Module, tokenizer, train_ids: torch.Tenso
         extra={"identity": identity},
     )
     result.model.config.use_cache = True
-    write_artifact(target, record, lambda d: models.save_model(result.model, tokenizer, d), overwrite=target.exists())
+    write_artifact(target, record, lambda d: models.save_model(result.model, tokenizer, d), inputs=[models.on_disk(recipe.teacher.model)], overwrite=True)
     return result.model, _made(result.report, target)
 
 
@@ -273,6 +272,3 @@ def describe(result: PruneResult) -> str:
     return (f"pruned: {result.artifact}\n  {describe_shape(result.shape)}: {result.parameters / 1e6:.1f}M parameters ({r['fraction']:.3f} of the teacher); "
             f"KL to the teacher right after pruning {r['chosen']['proxy_kl_per_token']:.3f}/token, top-1 agreement {r['chosen']['proxy_top1']:.1%}")
 
-
-def dumps(report: dict) -> str:
-    return json.dumps(report, indent=2)

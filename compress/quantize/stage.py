@@ -15,7 +15,7 @@ import torch
 
 from compress import models
 from compress.architectures import get_blocks, layer_layout
-from compress.artifacts import RECORD_FILE, ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic
+from compress.artifacts import RECORD_FILE, ArtifactRecord, check_output, describe_input, device_info, size_on_disk, staging_dir, write_json_atomic
 from compress.data import packed_blocks
 from compress.errors import CompressError
 from compress.evaluate import perplexity_on_blocks
@@ -85,14 +85,16 @@ def eval_blocks(recipe: Recipe, tokenizer) -> torch.Tensor:
     return packed_blocks(data.eval or data.train, tokenizer, seq_len=data.seq_len, text_field=data.text_field, max_tokens=data.max_eval_tokens, cache_dir=_cache(recipe))
 
 
-def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
+def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True) -> QuantizeResult:
     spec = recipe.quantize
     if spec is None:
         raise QuantizeError("the recipe has no quantize section (give --method or a recipe with quantize:)")
     start = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise QuantizeError(f"{output} already exists; pass --overwrite to replace it")
+    data = recipe.data
+    read_paths = [models.on_disk(source), spec.calib.source if isinstance(spec, GPTQSpec) else None, data.train, data.eval]
+    # The quantized folder is smaller than its float input: the input's size bounds it.
+    check_output(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(read_paths[0]))
     model = models.load_model(source)
     if getattr(model.config, "quantization_config", None):
         raise QuantizeError(f"{source} is already quantized; quantize a float model")
@@ -111,7 +113,7 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     before = perplexity_on_blocks(model, held_out)
 
     t0 = time.perf_counter()
-    with staging_dir(output, overwrite=overwrite) as tmp:
+    with staging_dir(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any) as tmp:
         if isinstance(spec, BnbSpec):
             from compress.quantize.bnb import quantize_bnb
 
