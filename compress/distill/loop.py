@@ -2,7 +2,8 @@
 
 An explicit loop (AdamW, warm-up + cosine, clipping, accumulation, checkpoints, resume, eval) on
 top of accelerate, which supplies device placement, bf16 autocast and DDP for multi-process runs
-(`accelerate launch` / `torchrun`).
+(`accelerate launch` / `torchrun`). The teacher's outputs come from a TeacherSource: the live model, or
+a top-k logits cache (`teacher.logits_cache`) that the first such run builds.
 """
 from __future__ import annotations
 

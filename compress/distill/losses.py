@@ -157,6 +157,11 @@ class DistillLossResult:
     ce: Tensor  # scalar, detached: mean hard-label cross-entropy of the student at T=1
     tokens: int  # number of unmasked tokens
 
+    @classmethod
+    def of_sums(cls, loss: Tensor, div_sum: Tensor, ce_sum: Tensor, tokens: int) -> "DistillLossResult":
+        scale = 1.0 / max(tokens, 1)
+        return cls(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=tokens)
+
 
 def naive_distill_loss(
     student_logits: Tensor,
@@ -178,8 +183,7 @@ def naive_distill_loss(
     loss, div_sum, ce_sum = _chunk_objective(
         student_logits[keep], teacher_logits[keep].detach(), labels[keep], obj, tokens
     )
-    scale = 1.0 / max(tokens, 1)
-    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=tokens)
+    return DistillLossResult.of_sums(loss, div_sum, ce_sum, tokens)
 
 
 def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -247,15 +251,19 @@ def _autograd_chunk(z_s: Tensor, objective: Callable[[Tensor], tuple[Tensor, Ten
     return loss, div_sum, ce_sum, g
 
 
+def chunk_buffers(count: int, weight: Tensor, tokens: int, chunk_size: int) -> list[Tensor]:
+    """`count` fp32 (chunk, V) buffers for a closed-form chunk loss, reused by every chunk."""
+    c, v = min(chunk_size, max(tokens, 1)), weight.shape[0]
+    return [torch.empty(c, v, dtype=torch.float32, device=weight.device) for _ in range(count)]
+
+
 def _dense_chunk_loss(
     th: Tensor, tw: Tensor, tb: Optional[Tensor], sw: Tensor, sb: Optional[Tensor],
     labels: Tensor, obj: _Objective, tokens: int, chunk_size: int,
 ) -> ChunkLoss:
     """The full-vocabulary objective: both lm_heads applied to each chunk."""
     closed = _closed_form(obj)
-    if closed:
-        c, v = min(chunk_size, max(tokens, 1)), sw.shape[0]
-        buffers = [torch.empty(c, v, dtype=torch.float32, device=sw.device) for _ in range(3)]  # reused by every chunk
+    buffers = chunk_buffers(3, sw, tokens, chunk_size) if closed else None
 
     def chunk_loss(chunk: Tensor, h: Tensor, want_grad: bool):
         if closed:
@@ -328,8 +336,7 @@ def fused_loss(student: tuple[Tensor, Tensor, Optional[Tensor]], rows: Tensor, c
         loss, div_sum, ce_sum = _FusedDistillFunction.apply(*student, rows, chunk_size, chunk_loss)
     else:
         loss, div_sum, ce_sum, *_ = _fused_chunks(*student, rows, chunk_size, (False, False, False), chunk_loss)
-    scale = 1.0 / max(rows.numel(), 1)
-    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=rows.numel())
+    return DistillLossResult.of_sums(loss, div_sum, ce_sum, rows.numel())
 
 
 def fused_distill_loss(

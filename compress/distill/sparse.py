@@ -33,6 +33,7 @@ from compress.distill.losses import (
     ChunkLoss,
     DistillLossResult,
     _autograd_chunk,
+    chunk_buffers,
     _closed_form,
     _combine,
     _log_probs,
@@ -155,8 +156,7 @@ def naive_sparse_distill_loss(
     rows = (labels != ignore_index).nonzero().squeeze(1)
     z = student_logits[rows]
     loss, div_sum, ce_sum = _combine(_sparse_divergence(z, targets.select(rows), obj), z, labels[rows], obj, rows.numel())
-    scale = 1.0 / max(rows.numel(), 1)
-    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=rows.numel())
+    return DistillLossResult.of_sums(loss, div_sum, ce_sum, rows.numel())
 
 
 def _sparse_forward_kl_chunk(z_s: Tensor, scratch: Tensor, targets: TopKTargets, labels: Tensor, obj: _Objective, tokens: int, want_grad: bool):
@@ -190,9 +190,7 @@ def _sparse_forward_kl_chunk(z_s: Tensor, scratch: Tensor, targets: TopKTargets,
 
 def _sparse_chunk_loss(targets: TopKTargets, sw: Tensor, sb: Optional[Tensor], labels: Tensor, obj: _Objective, tokens: int, chunk_size: int) -> ChunkLoss:
     closed = _closed_form(obj)
-    if closed:
-        c, v = min(chunk_size, max(tokens, 1)), sw.shape[0]
-        buffers = [torch.empty(c, v, dtype=torch.float32, device=sw.device) for _ in range(2)]  # reused by every chunk
+    buffers = chunk_buffers(2, sw, tokens, chunk_size) if closed else None
 
     def chunk_loss(chunk: Tensor, h: Tensor, want_grad: bool):
         t = targets.select(chunk)
