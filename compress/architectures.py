@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,28 +92,39 @@ def student_config_from_teacher(teacher_config, keep: list[int]):
     return config
 
 
+class WeightLayoutError(RuntimeError):
+    """The teacher's tensor names do not fit the student built from its config."""
+
+
 def student_from_teacher(teacher: nn.Module, layers: int | list[int]) -> tuple[nn.Module, list[int]]:
     """A student with the teacher's embeddings, norms and head, and the chosen subset of its blocks."""
+    return student_from_state(teacher.config, teacher.state_dict(), layers, next(teacher.parameters()).dtype)
+
+
+def student_from_state(teacher_config, state: Mapping[str, torch.Tensor], layers: int | list[int], dtype: torch.dtype) -> tuple[nn.Module, list[int]]:
+    """`student_from_teacher` from the teacher's config and tensors by name (its state dict, or its
+    checkpoint read lazily: only the tensors the student keeps are read)."""
     from transformers import AutoModelForCausalLM
 
-    keep = select_layers(num_layers(teacher.config), layers)
-    config = student_config_from_teacher(teacher.config, keep)
-    student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    keep = select_layers(num_layers(teacher_config), layers)
+    config = student_config_from_teacher(teacher_config, keep)
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prefix = layer_layout(config).blocks + "."
     renumber = {str(old): str(new) for new, old in enumerate(keep)}
-    state = {}
-    for key, value in teacher.state_dict().items():
+    kept = {}
+    for key in state:
+        name = key
         if key.startswith(prefix):
             index, rest = key[len(prefix):].split(".", 1)
             if index not in renumber:
                 continue
-            key = f"{prefix}{renumber[index]}.{rest}"
-        state[key] = value.detach().clone()
-    missing, unexpected = student.load_state_dict(state, strict=False)
+            name = f"{prefix}{renumber[index]}.{rest}"
+        kept[name] = state[key].detach().clone()
+    missing, unexpected = student.load_state_dict(kept, strict=False)
     # Tied heads appear once in the state dict; anything else missing means a layout bug.
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"student/teacher weight mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        raise WeightLayoutError(f"student/teacher weight mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
     return student, keep
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,84 @@ def load_model(name: str, *, dtype: str = "float32", revision: str | None = None
     return model.eval()
 
 
+def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A model's config alone (config.json): no weights are read."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelSourceError(f"could not load the config of {name!r}: {err}") from None
+
+
+class CheckpointTensors(Mapping):
+    """A model's checkpoint tensors under the model's own names, each read from its safetensors file only
+    when asked for (so a student can take a few of a teacher's layers without the teacher being built)."""
+
+    def __init__(self, where: dict[str, tuple[Path, str]], dtype: torch.dtype):
+        self._where, self._dtype = where, dtype  # model name -> (file, name in the file)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, stored = self._where[key]
+        with safe_open(str(file), framework="pt") as fh:
+            tensor = fh.get_tensor(stored)
+        return tensor.to(self._dtype) if tensor.is_floating_point() else tensor
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _checkpoint_names(config, trust_remote_code: bool) -> dict[str, str] | None:
+    """Model tensor name -> the name save_pretrained writes (transformers renames some on load, e.g. GPT-NeoX's
+    embed_out -> lm_head), from a weightless skeleton; None where a tensor is more than renamed (fused/split)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # an older transformers: checkpoint names are the model's names
+        revert_weight_conversion = None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = {}
+    for key, tensor in skeleton.state_dict().items():
+        out = revert_weight_conversion(skeleton, {key: tensor}) if revert_weight_conversion else {key: tensor}
+        if len(out) != 1:
+            return None
+        names[key] = next(iter(out))
+    return names
+
+
+def checkpoint_tensors(name: str, config, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False) -> CheckpointTensors | None:
+    """Lazy tensors of a model's safetensors checkpoint (a local folder, or its hub snapshot) by the names of
+    the model built from `config`, cast to `dtype` as load_model would. None where the files cannot be read
+    that way (no safetensors files; a conversion transformers does on load that is more than a rename)."""
+    from safetensors import safe_open
+
+    source = resolve_source(name)
+    folder = Path(source)
+    if not folder.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as err:  # noqa: BLE001 - network, auth, missing repo: say which model
+            raise ModelSourceError(f"could not fetch the safetensors files of {name!r}: {err}") from None
+    stored: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            stored.update(dict.fromkeys(fh.keys(), file))
+    names = _checkpoint_names(config, trust_remote_code) if stored else None
+    if names is None:
+        return None
+    return CheckpointTensors({key: (stored[ck], ck) for key, ck in names.items() if ck in stored}, _DTYPES[dtype])
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -194,9 +273,21 @@ def vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def check_same_vocab(teacher, teacher_tokenizer, student, student_tokenizer) -> None:
-    """Distillation compares distributions token by token: the vocabularies must be identical."""
-    vt, vs = vocab_size(teacher), vocab_size(student)
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's weight (V, H) and bias (V,) or None."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a recipe's dtype name (float32, bfloat16, float16)."""
+    return _DTYPES[name]
+
+
+def check_same_vocab(teacher_vocab: int, teacher_tokenizer, student, student_tokenizer) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be identical.
+    `teacher_vocab` is the number of rows of the teacher's lm_head."""
+    vt, vs = teacher_vocab, vocab_size(student)
     if vt != vs:
         raise IncompatibleModelsError(f"teacher and student vocabularies differ: teacher lm_head has {vt} rows, student {vs}")
     if student_tokenizer is not None and teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():

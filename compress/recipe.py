@@ -24,6 +24,17 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LogitsCacheSpec(Spec):
+    enabled: StrictBool = Field(
+        False,
+        description="Distil from stored teacher outputs: the teacher runs once over every training block (cap them with `data.max_train_tokens`) and its top-k log-probabilities, plus its final hidden states on the eval blocks and its lm_head for exact eval metrics, go to a cache keyed by teacher, tokenizer, data, seq_len, temperature, top_k and logprob_dtype. Runs that find a complete cache never load the teacher model (`student.from_teacher` reads the kept layers from its safetensors files). The loss becomes the sparse (top-k + tail bucket) form of `distill.loss.kind`, never above the full-vocabulary one (README: Offline teacher logits). Not with `distill.hidden`.",
+    )
+    top_k: int = Field(64, ge=1, description="Teacher tokens stored per position (log-prob and token id each), plus one tail bucket holding the rest of its probability mass. Bytes per position: top_k x (logprob bytes + index bytes) + 4, index bytes 2 for vocabularies up to 65536, else 4.")
+    logprob_dtype: Literal["float16", "float32"] = Field("float16", description="Storage of the top-k log-probabilities (2 or 4 bytes each); the tail bucket is always float32.")
+    dir: str | None = Field(None, description="Folder holding the caches, one subfolder per key (default: $COMPRESS_CACHE/logits, else ~/.cache/compress/logits).")
+    shard_blocks: int = Field(64, ge=1, description="Training blocks per shard file. Shards are written atomically; a killed caching run resumes after its last complete shard. Only the layout: not part of the key.")
+
+
 class TeacherSpec(Spec):
     model: str = Field(
         "builtin:smollm2-135m",
@@ -32,6 +43,7 @@ class TeacherSpec(Spec):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); ignored for local folders.")
     trust_remote_code: StrictBool = Field(False, description="Allow the model's own Python code from the hub. Off unless you trust it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the teacher is loaded in.")
+    logits_cache: LogitsCacheSpec = Field(default_factory=LogitsCacheSpec, description="Offline teacher logits (off by default).")
 
 
 class FromTeacherSpec(Spec):
@@ -269,6 +281,15 @@ class Recipe(Spec):
     quantize: QuantizeSpec | None = Field(None, description="Low-bit quantization (`method` picks the variant and its keys).")
     export: ExportSpec | None = Field(None, description="ONNX export of the last model of the chain (`compress run`).")
     bench: BenchSpec | None = Field(None, description="Benchmark of teacher, student and every later artifact (`compress run`, `compress bench`).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.teacher.logits_cache.enabled and self.distill.hidden.weight > 0:
+            raise ValueError(
+                "distill.hidden.weight > 0 needs the teacher's per-layer hidden states, which teacher.logits_cache does not store; "
+                "set distill.hidden.weight to 0 or teacher.logits_cache.enabled to false"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

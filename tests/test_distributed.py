@@ -43,3 +43,19 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, teachers, text_file
     b = load_file(Path(recipes[2]["output_dir"]) / "student" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_two_processes_distil_from_a_cache_rank_zero_builds(tmp_path, teachers, text_files):
+    recipes = {}
+    for nproc in (1, 2):
+        recipe = tiny_recipe(tmp_path / f"run{nproc}", teachers["llama"], text_files, steps=3, batch_size=4, eval_every=3, save_every=3)
+        recipe["data"]["max_train_tokens"] = 32 * 24
+        # Separate cache folders: the two-process run builds its own (rank 0 builds, rank 1 waits at the barrier).
+        recipe["teacher"]["logits_cache"] = {"enabled": True, "top_k": 16, "shard_blocks": 8, "dir": str(tmp_path / f"logits{nproc}")}
+        recipes[nproc] = recipe
+    single = launch(tmp_path, recipes[1], 1)
+    ranks = launch(tmp_path, recipes[2], 2)
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert ranks[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-4)
+    assert len(list((tmp_path / "logits2").glob("*/train-*.safetensors"))) == 3

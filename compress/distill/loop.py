@@ -2,7 +2,8 @@
 
 An explicit loop (AdamW, warm-up + cosine, clipping, accumulation, checkpoints, resume, eval) on
 top of accelerate, which supplies device placement, bf16 autocast and DDP for multi-process runs
-(`accelerate launch` / `torchrun`).
+(`accelerate launch` / `torchrun`). The teacher's outputs come from a TeacherSource: the live model, or
+a top-k logits cache (`teacher.logits_cache`) that the first such run builds.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from pathlib import Path
 import torch
 
 from compress import models
-from compress.architectures import student_from_config, student_from_teacher
-from compress.artifacts import FOLDER, ArtifactExistsError, ArtifactRecord, check_output, describe_input, device_info, size_on_disk, write_artifact
-from compress.data import batch_indices, load_blocks
+from compress.architectures import WeightLayoutError, student_from_config, student_from_state, student_from_teacher
+from compress.artifacts import FOLDER, ArtifactExistsError, ArtifactRecord, check_output, describe_input, device_info, hash_path, size_on_disk, write_artifact
+from compress.data import batch_indices, load_blocks, tokenizer_fingerprint
+from compress.distill import logits_cache
 from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from compress.distill.losses import perplexity
 from compress.errors import CompressError
-from compress.distill.objective import DistillObjective, _head, check_plain_head, evaluate, run_teacher
+from compress.distill.objective import DistillObjective, check_plain_head, evaluate
+from compress.distill.teacher import CachedTeacher, LiveTeacher, TeacherSource
 from compress.recipe import Recipe
 
 STUDENT_DIR = "student"
@@ -61,23 +64,25 @@ def make_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
 
 
-def build_student(recipe: Recipe, teacher, teacher_tokenizer, train_ids=None, *, progress: bool = True):
-    """The student and a description of how it was made; vocabularies are checked here."""
+def build_student(recipe: Recipe, teacher_config, teacher_vocab: int, teacher_tokenizer, teacher_layers, *, teacher_model=None, train_ids=None, progress: bool = True):
+    """The student and a description of how it was made; vocabularies are checked here.
+    `teacher_layers(layers)` makes a student of the teacher's layers (only called for student.from_teacher);
+    `teacher_model()` gives the teacher model, which `student.prune` measures (only called when it prunes)."""
     spec = recipe.student
     if spec.prune is not None:
         from compress.prune.stage import pruned_student
 
-        return pruned_student(recipe, teacher, teacher_tokenizer, train_ids, progress=progress)
+        return pruned_student(recipe, teacher_model, teacher_tokenizer, train_ids, progress=progress)
     if spec.from_teacher is not None:
-        student, keep = student_from_teacher(teacher, spec.from_teacher.layers)
+        student, keep = teacher_layers(spec.from_teacher.layers)
         return student, {"from_teacher_layers": keep}
     if spec.config is not None:
-        student = student_from_config(teacher.config, spec.config, recipe.seed)
-        models.check_same_vocab(teacher, teacher_tokenizer, student, None)
+        student = student_from_config(teacher_config, spec.config, recipe.seed)
+        models.check_same_vocab(teacher_vocab, teacher_tokenizer, student, None)
         return student, {"config_overrides": spec.config}
     student = models.load_model(spec.model, trust_remote_code=spec.trust_remote_code)
     tokenizer = models.load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-    models.check_same_vocab(teacher, teacher_tokenizer, student, tokenizer)
+    models.check_same_vocab(teacher_vocab, teacher_tokenizer, student, tokenizer)
     return student, {"model": spec.model}
 
 
@@ -96,6 +101,71 @@ def check_student(recipe: Recipe) -> None:
         select_layers(num_layers(structure.config), spec.from_teacher.layers)
     else:
         plan_prune(structure, spec.prune)
+
+
+def student_from_checkpoint(recipe: Recipe, teacher_config, layers):
+    """`student.from_teacher` without building the teacher: the kept tensors are read from its safetensors
+    files. A checkpoint that cannot be read that way (no safetensors, tensors transformers fuses or splits on
+    load, names that do not fit) falls back to loading the teacher model to copy its layers."""
+    t = recipe.teacher
+    state = models.checkpoint_tensors(t.model, teacher_config, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    if state is not None:
+        try:
+            return student_from_state(teacher_config, state, layers, models.torch_dtype(t.dtype))
+        except WeightLayoutError:
+            pass
+    teacher = models.load_model(t.model, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    return student_from_teacher(teacher, layers)
+
+
+def teacher_identity(spec) -> dict:
+    """What a teacher's outputs depend on: a local folder's content hash, or a hub id and revision; and its dtype."""
+    path = models.local_path(spec.model)
+    if path is not None:
+        return {"sha256": hash_path(path), "dtype": spec.dtype}
+    return {"hub": spec.model, "revision": spec.revision, "dtype": spec.dtype}
+
+
+def logits_cache_key(recipe: Recipe, tokenizer, blocks) -> logits_cache.CacheKey:
+    spec = recipe.teacher.logits_cache
+    return logits_cache.cache_key(
+        teacher=teacher_identity(recipe.teacher), tokenizer=tokenizer_fingerprint(tokenizer),
+        train_blocks=blocks.train, eval_blocks=blocks.eval, temperature=recipe.distill.loss.temperature,
+        top_k=spec.top_k, logprob_dtype=spec.logprob_dtype,
+    )
+
+
+def load_teacher(recipe: Recipe, device):
+    t = recipe.teacher
+    teacher = models.load_model(t.model, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    check_plain_head(teacher.config)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def cached_teacher(recipe: Recipe, tokenizer, blocks, accelerator, *, progress: bool) -> tuple[CachedTeacher, dict]:
+    """The recipe's logits cache, built first (by the main process, loading the teacher for that only) when
+    no complete one exists; and facts about it for the metrics."""
+    spec, loss = recipe.teacher.logits_cache, recipe.distill.loss
+    root, key = logits_cache.cache_root(spec.dir), logits_cache_key(recipe, tokenizer, blocks)
+    cache, built_s = logits_cache.open_cache(root, key), None
+    if cache is None:
+        start = time.perf_counter()
+        if accelerator.is_main_process:
+            live = LiveTeacher(load_teacher(recipe, accelerator.device))
+            with accelerator.autocast():
+                logits_cache.build_cache(
+                    root, key, train_blocks=blocks.train, eval_blocks=blocks.eval,
+                    topk=lambda ids: live.topk(ids.to(accelerator.device), spec.top_k, temperature=loss.temperature, chunk_size=loss.chunk_size),
+                    eval_hidden=lambda ids: live.eval_hidden(None, ids, batch_size=len(ids)),
+                    head=live.head, shard_blocks=spec.shard_blocks, batch_size=recipe.distill.batch_size,
+                    facts={"teacher": {"model": recipe.teacher.model, "parameters": live.parameters}, "precision": accelerator.mixed_precision},
+                    progress=progress,
+                )
+            del live
+        accelerator.wait_for_everyone()
+        cache, built_s = logits_cache.open_cache(root, key), round(time.perf_counter() - start, 1)
+    facts = {"path": str(cache.path), "key": key.digest, "top_k": cache.top_k, "bytes_per_position": cache.manifest["bytes_per_position"], "bytes": cache.nbytes(), "build_s": built_s}
+    return CachedTeacher(cache, accelerator.device), facts
 
 
 def default_hidden_pairs(made: dict, student_layers: int) -> list[tuple[int, int]]:
@@ -157,17 +227,29 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
 
     check_student(recipe)
     t = recipe.teacher
-    teacher = models.load_model(t.model, dtype=t.dtype, revision=t.revision, trust_remote_code=t.trust_remote_code)
     tokenizer = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
-    check_plain_head(teacher)
-    blocks = load_blocks(recipe.data, tokenizer)
+    cache_facts = None
+    if t.logits_cache.enabled:
+        # The teacher model is loaded only to build a missing cache; its config and files stay in use.
+        config = models.load_config(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+        check_plain_head(config)
+        blocks = load_blocks(recipe.data, tokenizer)
+        source, cache_facts = cached_teacher(recipe, tokenizer, blocks, accelerator, progress=progress)
+        teacher_layers = lambda layers: student_from_checkpoint(recipe, config, layers)  # noqa: E731
+        teacher_model = lambda: load_teacher(recipe, device)  # noqa: E731  (pruning measures the model itself)
+    else:
+        teacher = load_teacher(recipe, device)
+        config, source = teacher.config, LiveTeacher(teacher)
+        teacher_layers = lambda layers: student_from_teacher(teacher, layers)  # noqa: E731
+        teacher_model = lambda: teacher  # noqa: E731
+        blocks = load_blocks(recipe.data, tokenizer)
     torch.manual_seed(recipe.seed)
-    student, made = build_student(recipe, teacher, tokenizer, blocks.train, progress=progress and accelerator.is_main_process)
+    student, made = build_student(recipe, config, source.vocab_size, tokenizer, teacher_layers, teacher_model=teacher_model,
+                                  train_ids=blocks.train, progress=progress and accelerator.is_main_process)
     student = student.to(torch.float32)
     student.config.use_cache = False
 
-    teacher.to(device).eval().requires_grad_(False)
-    teacher_head = _head(teacher)
+    teacher_head = source.head
     student.to(device).train()
     pairs = list(spec.hidden.pairs) or (default_hidden_pairs(made, student.config.num_hidden_layers) if spec.hidden.weight > 0 else [])
     objective = DistillObjective(student, teacher_head, spec.loss, spec.hidden.weight, pairs)
@@ -185,9 +267,10 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     model = accelerator.prepare(objective)
 
     # Each process evaluates its own share of the held-out blocks; the teacher's side is fixed, so compute it once.
-    eval_ids = blocks.eval[rank::world]
+    eval_index = torch.arange(len(blocks.eval))[rank::world]
+    eval_ids = blocks.eval[eval_index]
     with accelerator.autocast():
-        teacher_eval = _teacher_eval_hidden(teacher, eval_ids, device, spec.batch_size)
+        teacher_eval = source.eval_hidden(eval_index, eval_ids, batch_size=spec.batch_size)
     initial_eval = state.get("initial_eval") if last is not None else None
     if initial_eval is None:
         initial_eval = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
@@ -200,7 +283,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     train_time, train_steps = 0.0, 0
     while step < spec.steps:
         t0 = time.perf_counter()
-        stats = _train_step(model, objective, teacher, blocks.train, step, spec, recipe.seed, rank, per_rank, device, accelerator, optimizer, scheduler)
+        stats = _train_step(model, objective, source, blocks.train, step, spec, recipe.seed, rank, per_rank, device, accelerator, optimizer, scheduler)
         step += 1
         train_time += time.perf_counter() - t0
         train_steps += 1
@@ -240,9 +323,11 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         "tokens_per_s": tokens_per_step * train_steps / train_time if train_time else None,
         "processes": world,
         "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "teacher_parameters": source.parameters,
         **made,
     }
+    if cache_facts is not None:
+        metrics["teacher_logits_cache"] = cache_facts
     artifact = run_dir / STUDENT_DIR
     if accelerator.is_main_process:
         record = ArtifactRecord(
@@ -253,7 +338,8 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
                 describe_input("train_data", recipe.data.train, blocks.sources["train"]),
                 describe_input("eval_data", recipe.data.eval or recipe.data.train, blocks.sources["eval"]),
             ]
-            + ([describe_input("student_init", recipe.student.model, models.local_path(recipe.student.model))] if recipe.student.model else []),
+            + ([describe_input("student_init", recipe.student.model, models.local_path(recipe.student.model))] if recipe.student.model else [])
+            + ([{"role": "teacher_logits", "source": cache_facts["path"], "key": cache_facts["key"]}] if cache_facts else []),
             metrics=metrics,
             device=device_info(device.type),
             wall_time_s=time.perf_counter() - start_time,
@@ -272,6 +358,8 @@ def _train_hash(recipe: Recipe) -> str:
     keep = recipe.model_dump(mode="json", include={"teacher", "student", "data", "distill", "seed"})
     for key in ("eval_every", "save_every", "keep_last", "num_threads"):
         keep["distill"].pop(key, None)
+    for key in ("dir", "shard_blocks"):  # where and how the cache is stored, not what it holds
+        keep["teacher"]["logits_cache"].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -279,14 +367,14 @@ def _brief(history: list[dict]) -> list[dict]:
     return [h for h in history if "eval" in h] + history[-1:]
 
 
-def _train_step(model, objective, teacher, train_ids, step, spec, seed, rank, per_rank, device, accelerator, optimizer, scheduler) -> dict:
+def _train_step(model, objective, source: TeacherSource, train_ids, step, spec, seed, rank, per_rank, device, accelerator, optimizer, scheduler) -> dict:
     totals: dict[str, float] = {}
     for micro in range(spec.grad_accum):
         idx = batch_indices(len(train_ids), step, micro, spec.batch_size, spec.grad_accum, seed)[rank * per_rank : (rank + 1) * per_rank]
         ids = train_ids[idx].to(device)
         sync = micro == spec.grad_accum - 1
         with accelerator.autocast(), (accelerator.no_sync(model) if not sync else contextlib.nullcontext()):
-            t_out = run_teacher(teacher, ids, with_hidden_states=objective.hidden_weight > 0)
+            t_out = source.train_outputs(idx, ids, with_hidden_states=objective.hidden_weight > 0)
             out = model(ids, t_out)
             accelerator.backward(out["loss"] / spec.grad_accum)
         for k, v in out.items():
@@ -303,12 +391,6 @@ def _train_step(model, objective, teacher, train_ids, step, spec, seed, rank, pe
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
-
-
-@torch.no_grad()
-def _teacher_eval_hidden(teacher, eval_ids: torch.Tensor, device, batch_size: int) -> torch.Tensor:
-    outs = [run_teacher(teacher, eval_ids[i : i + batch_size].to(device), with_hidden_states=False).hidden.float().cpu() for i in range(0, len(eval_ids), batch_size)]
-    return torch.cat(outs)
 
 
 def _eval_metrics(student, teacher_head, eval_ids, teacher_hidden, spec, accelerator) -> dict:

@@ -131,14 +131,10 @@ def token_divergence(
     return _divergence(student_logits, teacher_logits, obj)
 
 
-def _chunk_objective(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, obj: _Objective, tokens: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, V) logits of n unmasked tokens -> (this chunk's share of the loss, divergence sum, CE sum).
-
-    Dividing by the total token count here makes chunk gradients add up to the full gradient.
-    """
-    div = _divergence(student_logits, teacher_logits, obj)  # (n,)
+def _combine(div: Tensor, student_logits: Tensor, labels: Tensor, obj: _Objective, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token divergences (n,) and the student's (n, V) logits -> (this chunk's share of the loss,
+    divergence sum, CE sum). Dividing by the total token count here makes chunk gradients add up to the
+    full gradient."""
     ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
     scale = 1.0 / max(tokens, 1)
     loss = (1.0 - obj.ce_weight) * obj.temperature**2 * scale * div.sum()
@@ -147,12 +143,24 @@ def _chunk_objective(
     return loss, div.sum().detach(), ce.detach()
 
 
+def _chunk_objective(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, obj: _Objective, tokens: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) logits of n unmasked tokens -> (this chunk's share of the loss, divergence sum, CE sum)."""
+    return _combine(_divergence(student_logits, teacher_logits, obj), student_logits, labels, obj, tokens)
+
+
 @dataclass(frozen=True)
 class DistillLossResult:
     loss: Tensor  # scalar, differentiable: the training objective
     divergence: Tensor  # scalar, detached: mean per-token divergence (no T^2)
     ce: Tensor  # scalar, detached: mean hard-label cross-entropy of the student at T=1
     tokens: int  # number of unmasked tokens
+
+    @classmethod
+    def of_sums(cls, loss: Tensor, div_sum: Tensor, ce_sum: Tensor, tokens: int) -> "DistillLossResult":
+        scale = 1.0 / max(tokens, 1)
+        return cls(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=tokens)
 
 
 def naive_distill_loss(
@@ -175,8 +183,7 @@ def naive_distill_loss(
     loss, div_sum, ce_sum = _chunk_objective(
         student_logits[keep], teacher_logits[keep].detach(), labels[keep], obj, tokens
     )
-    scale = 1.0 / max(tokens, 1)
-    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=tokens)
+    return DistillLossResult.of_sums(loss, div_sum, ce_sum, tokens)
 
 
 def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -227,11 +234,56 @@ def _forward_kl_chunk(z_s: Tensor, z_t: Tensor, p_t: Tensor, labels: Tensor, obj
     return loss, div, ce
 
 
-def _distill_chunks(
-    sh: Tensor, sw: Tensor, sb: Optional[Tensor],
-    th: Tensor, tw: Tensor, tb: Optional[Tensor],
-    labels: Tensor, rows: Tensor, obj: _Objective, chunk_size: int,
-    needs: tuple[bool, bool, bool],
+# One chunk of a fused loss: (row ids (c,), student hidden (c, H) in the head's dtype, want_grad) ->
+# (this chunk's share of the loss, divergence sum, CE sum, d loss / d logits (c, V) fp32 or None).
+ChunkLoss = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]
+
+
+def _autograd_chunk(z_s: Tensor, objective: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], want_grad: bool):
+    """Differentiate only logits -> loss with autograd; the lm_head matmuls are done by hand, so each
+    chunk's (c, V) graph is freed before the next chunk starts."""
+    if not want_grad:
+        return (*objective(z_s), None)
+    with torch.enable_grad():
+        z_s.requires_grad_(True)
+        loss, div_sum, ce_sum = objective(z_s)
+        (g,) = torch.autograd.grad(loss, z_s)  # (c, V) fp32
+    return loss, div_sum, ce_sum, g
+
+
+def chunk_buffers(count: int, weight: Tensor, tokens: int, chunk_size: int) -> list[Tensor]:
+    """`count` fp32 (chunk, V) buffers for a closed-form chunk loss, reused by every chunk."""
+    c, v = min(chunk_size, max(tokens, 1)), weight.shape[0]
+    return [torch.empty(c, v, dtype=torch.float32, device=weight.device) for _ in range(count)]
+
+
+def _dense_chunk_loss(
+    th: Tensor, tw: Tensor, tb: Optional[Tensor], sw: Tensor, sb: Optional[Tensor],
+    labels: Tensor, obj: _Objective, tokens: int, chunk_size: int,
+) -> ChunkLoss:
+    """The full-vocabulary objective: both lm_heads applied to each chunk."""
+    closed = _closed_form(obj)
+    buffers = chunk_buffers(3, sw, tokens, chunk_size) if closed else None
+
+    def chunk_loss(chunk: Tensor, h: Tensor, want_grad: bool):
+        if closed:
+            z_s, z_t, p_t = (b[: chunk.numel()] for b in buffers)
+            with torch.no_grad():
+                _project_into(z_t, th[chunk], tw, tb)
+                _project_into(z_s, h, sw, sb)
+                loss, div_sum, ce_sum = _forward_kl_chunk(z_s, z_t, p_t, labels[chunk], obj, tokens, want_grad)
+            return loss, div_sum, ce_sum, z_s if want_grad else None  # z_s now holds d loss / d logits
+        with torch.no_grad():
+            z_t = _project(th[chunk], tw, tb)  # (c, V)
+            z_s = _project(h, sw, sb)  # (c, V)
+        return _autograd_chunk(z_s, lambda z: _chunk_objective(z, z_t, labels[chunk], obj, tokens), want_grad)
+
+    return chunk_loss
+
+
+def _fused_chunks(
+    sh: Tensor, sw: Tensor, sb: Optional[Tensor], rows: Tensor, chunk_size: int,
+    needs: tuple[bool, bool, bool], chunk_loss: ChunkLoss,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Loss, divergence sum, CE sum over `rows`, and fp32 grads of the loss (None where not needed)."""
     need_h, need_w, need_b = needs
@@ -240,33 +292,9 @@ def _distill_chunks(
     grad_b = torch.zeros(sb.shape, dtype=torch.float32, device=sb.device) if need_b else None  # (V,)
     # Three separate scalars rather than views of one buffer: they become autograd outputs.
     loss_sum, div_total, ce_total = (torch.zeros((), device=sh.device) for _ in range(3))
-    tokens = rows.numel()
-    closed = _closed_form(obj)
-    if closed:
-        c, v = min(chunk_size, max(tokens, 1)), sw.shape[0]
-        buffers = [torch.empty(c, v, dtype=torch.float32, device=sh.device) for _ in range(3)]  # reused by every chunk
     for chunk in rows.split(chunk_size):
         h = sh[chunk].to(sw.dtype)  # (c, H_s)
-        if closed:
-            z_s, z_t, p_t = (b[: chunk.numel()] for b in buffers)
-            with torch.no_grad():
-                _project_into(z_t, th[chunk], tw, tb)
-                _project_into(z_s, h, sw, sb)
-                loss, div_sum, ce_sum = _forward_kl_chunk(z_s, z_t, p_t, labels[chunk], obj, tokens, any(needs))
-            g = z_s  # (c, V) d loss / d logits
-        else:
-            with torch.no_grad():
-                z_t = _project(th[chunk], tw, tb)  # (c, V)
-                z_s = _project(h, sw, sb)  # (c, V)
-            if any(needs):
-                # Differentiate only logits -> loss with autograd; the lm_head matmuls are done by hand
-                # so each chunk's (c, V) graph is freed before the next chunk starts.
-                with torch.enable_grad():
-                    z_s.requires_grad_(True)
-                    loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
-                    (g,) = torch.autograd.grad(loss, z_s)  # (c, V) fp32
-            else:
-                loss, div_sum, ce_sum = _chunk_objective(z_s, z_t, labels[chunk], obj, tokens)
+        loss, div_sum, ce_sum, g = chunk_loss(chunk, h, any(needs))
         if any(needs):
             if need_h:
                 grad_h.index_copy_(0, chunk, (g.to(sw.dtype) @ sw).float())
@@ -284,9 +312,9 @@ class _FusedDistillFunction(torch.autograd.Function):
     """Gradients are computed during forward, chunk by chunk, so backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, labels, rows, obj, chunk_size):
+    def forward(ctx, sh, sw, sb, rows, chunk_size, chunk_loss):
         needs = tuple(ctx.needs_input_grad[:3])
-        loss, div_sum, ce_sum, *grads = _distill_chunks(sh, sw, sb, th, tw, tb, labels, rows, obj, chunk_size, needs)
+        loss, div_sum, ce_sum, *grads = _fused_chunks(sh, sw, sb, rows, chunk_size, needs, chunk_loss)
         # Stored in the inputs' dtypes: for bf16 models that halves what is kept until backward.
         grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (sh, sw, sb))]
         ctx.save_for_backward(*grads)
@@ -297,7 +325,18 @@ class _FusedDistillFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_div, _grad_ce):
         grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None)
+
+
+def fused_loss(student: tuple[Tensor, Tensor, Optional[Tensor]], rows: Tensor, chunk_size: int, chunk_loss: ChunkLoss) -> DistillLossResult:
+    """Run `chunk_loss` over `rows` of the student (hidden (N, H), lm_head weight (V, H), bias (V,)),
+    with gradients formed inside each chunk when any student input requires grad. Shared by the dense
+    objective here and the sparse (top-k) one in compress.distill.sparse."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
+        loss, div_sum, ce_sum = _FusedDistillFunction.apply(*student, rows, chunk_size, chunk_loss)
+    else:
+        loss, div_sum, ce_sum, *_ = _fused_chunks(*student, rows, chunk_size, (False, False, False), chunk_loss)
+    return DistillLossResult.of_sums(loss, div_sum, ce_sum, rows.numel())
 
 
 def fused_distill_loss(
@@ -334,19 +373,11 @@ def fused_distill_loss(
             f"teacher_hidden {tuple(teacher_hidden.shape)} must share the token dimension N"
         )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # (tokens,)
-    teacher = (teacher_hidden.detach(), teacher_weight.detach(),
-               None if teacher_bias is None else teacher_bias.detach())
-    student = (student_hidden, student_weight, student_bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
-        loss, div_sum, ce_sum = _FusedDistillFunction.apply(
-            *student, *teacher, labels, rows, obj, chunk_size
-        )
-    else:
-        loss, div_sum, ce_sum, *_ = _distill_chunks(
-            *student, *teacher, labels, rows, obj, chunk_size, (False, False, False)
-        )
-    scale = 1.0 / max(rows.numel(), 1)
-    return DistillLossResult(loss=loss, divergence=div_sum * scale, ce=ce_sum * scale, tokens=rows.numel())
+    th, tw = teacher_hidden.detach(), teacher_weight.detach()
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    chunk_loss = _dense_chunk_loss(th, tw, tb, student_weight.detach(), None if student_bias is None else student_bias.detach(),
+                                   labels, obj, rows.numel(), chunk_size)
+    return fused_loss((student_hidden, student_weight, student_bias), rows, chunk_size, chunk_loss)
 
 
 def hidden_state_loss(

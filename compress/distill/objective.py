@@ -4,39 +4,24 @@ Both models run without their lm_head; the fused loss applies the heads chunk by
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from compress import models
 from compress.architectures import UnsupportedArchitectureError
 from compress.distill.losses import AgreementSums, agreement_sums, fused_distill_loss, hidden_state_loss
+from compress.distill.sparse import TopKTargets, fused_sparse_distill_loss
+from compress.distill.teacher import TeacherOutput
+
+_head = models.lm_head
 
 
-@dataclass(frozen=True)
-class TeacherOutput:
-    hidden: torch.Tensor  # (B, T, H_t) final (normed) hidden states
-    hidden_states: tuple[torch.Tensor, ...] | None  # per layer, only for the hidden-state loss
-
-
-def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def check_plain_head(model) -> None:
-    """The fused loss assumes logits = hidden @ W.T (+ b); refuse models that post-process logits."""
-    config = model.config
+def check_plain_head(config) -> None:
+    """The fused loss assumes logits = hidden @ W.T (+ b); refuse models (by config) that post-process logits."""
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(config, key, None)
         if value not in (None, 1, 1.0):
             raise UnsupportedArchitectureError(f"{config.model_type}: logits are post-processed ({key}={value}); the fused distillation loss does not support it")
-
-
-@torch.no_grad()
-def run_teacher(teacher, input_ids: torch.Tensor, *, with_hidden_states: bool) -> TeacherOutput:
-    out = teacher.base_model(input_ids=input_ids, output_hidden_states=with_hidden_states, use_cache=False)
-    return TeacherOutput(out.last_hidden_state, out.hidden_states if with_hidden_states else None)
 
 
 class DistillObjective(nn.Module):
@@ -49,21 +34,24 @@ class DistillObjective(nn.Module):
         # Held outside the module's parameters: the teacher is not trained and not synchronised.
         self._teacher_head = teacher_head
 
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | TopKTargets) -> dict[str, torch.Tensor]:
+        """`teacher`: a live teacher's hidden states (dense loss through its lm_head) or top-k targets
+        (b, T-1, k) from a logits cache (the sparse loss of compress.distill.sparse)."""
         spec = self.loss_spec
         need_states = self.hidden_weight > 0
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=need_states, use_cache=False)
         h = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
         labels = input_ids[:, 1:].reshape(-1)
         weight, bias = _head(self.student)
-        t_weight, t_bias = self._teacher_head
-        result = fused_distill_loss(
-            h.reshape(-1, h.shape[-1]), weight, bias,
-            teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), t_weight, t_bias,
-            labels,
-            kind=spec.kind, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha,
-            ce_weight=spec.ce_weight, chunk_size=spec.chunk_size,
-        )
+        knobs = dict(kind=spec.kind, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha, ce_weight=spec.ce_weight, chunk_size=spec.chunk_size)
+        if isinstance(teacher, TopKTargets):
+            if need_states:
+                raise ValueError("the hidden-state loss needs a live teacher's hidden states, not top-k targets")
+            result = fused_sparse_distill_loss(h.reshape(-1, h.shape[-1]), weight, bias, teacher.rows(), labels, **knobs)
+        else:
+            t_weight, t_bias = self._teacher_head
+            th = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
+            result = fused_distill_loss(h.reshape(-1, h.shape[-1]), weight, bias, th, t_weight, t_bias, labels, **knobs)
         loss = result.loss
         stats = {"divergence": result.divergence, "ce": result.ce}
         if need_states:

@@ -234,9 +234,10 @@ def run_prune(recipe, teacher_source: str, output: str | Path, *, overwrite: boo
     return result
 
 
-def pruned_student(recipe, teacher: nn.Module, tokenizer, train_ids: torch.Tensor, *, progress: bool = True, log=print) -> tuple[nn.Module, dict]:
+def pruned_student(recipe, teacher_model, tokenizer, train_ids: torch.Tensor, *, progress: bool = True, log=print) -> tuple[nn.Module, dict]:
     """`student.prune` inside distillation: reuse <run_dir>/pruned when it was made from the same teacher,
-    data, seed and prune settings; otherwise prune and write it there."""
+    data, seed and prune settings; otherwise prune the teacher (`teacher_model`: the model, or a function that
+    loads it, so a run from a logits cache loads it only when it must prune) and write it there."""
     target = recipe.run_dir / PRUNED_DIR
     local = models.local_path(recipe.teacher.model)
     identity = _identity(recipe, describe_input("teacher", recipe.teacher.model, local).get("sha256"))
@@ -246,6 +247,7 @@ def pruned_student(recipe, teacher: nn.Module, tokenizer, train_ids: torch.Tenso
             log(f"prune: reusing {target} (same teacher, data, seed and prune settings)")
             student = models.load_model(str(target))
             return student, _made(record["metrics"]["prune"], target)
+    teacher = teacher_model if isinstance(teacher_model, nn.Module) else teacher_model()
     result = prune_model(teacher, train_ids, recipe.student.prune, seed=recipe.seed, progress=progress, log=log)
     record = ArtifactRecord(
         stage="prune",
