@@ -21,7 +21,9 @@ from compress.errors import CompressError
 from compress.recipe import BnbSpec, GPTQSpec, Recipe
 
 RUN_FILE = "run.json"
-STAGES = ("distill", "quantize", "export", "bench")
+STAGES = ("distill", "quantize", "export", "teacher-quantize", "teacher-export", "bench")
+# The teacher's own quantized (and exported) copy, benched beside the student: does distillation pay?
+_TEACHER_STAGES = {"teacher-quantize": "quantize", "teacher-export": "export"}
 
 
 class RunPlanError(CompressError, ValueError):
@@ -52,6 +54,10 @@ def stage_outputs(recipe: Recipe) -> dict[str, Path]:
         outputs["quantize"] = run / (q.method if isinstance(q, BnbSpec) else f"{q.method}-{q.bits}bit")
     if recipe.export is not None:
         outputs["export"] = run / f"onnx-{recipe.export.weights}"
+    if recipe.bench is not None and recipe.bench.teacher_baseline and q is not None:
+        outputs["teacher-quantize"] = run / f"teacher-{outputs['quantize'].name}"
+        if recipe.export is not None:
+            outputs["teacher-export"] = run / f"teacher-{outputs['export'].name}"
     if recipe.bench is not None:
         outputs["bench"] = run / "bench"
     return outputs
@@ -234,9 +240,9 @@ def run_recipe(
     outputs = stage_outputs(recipe)
     state = _RunState(run_dir, fresh=overwrite)
     result = RunResult(run_dir)
-    upstream_changed = overwrite
-    input_sha: str | None = None
     artifacts: list[tuple[str, str]] = [("teacher", recipe.teacher.model)]
+    # Two chains: teacher -> distill -> quantize -> export, and teacher -> teacher-quantize -> teacher-export.
+    chains = {"student": [recipe.teacher.model, None, overwrite], "teacher": [recipe.teacher.model, None, overwrite]}  # previous path, its sha, upstream changed
     for stage in STAGES:
         if stage not in outputs:
             continue
@@ -247,7 +253,10 @@ def run_recipe(
             result.report = report.markdown
             result.outcomes.append(StageOutcome(stage, output, skipped=not report.measured, seconds=time.perf_counter() - start))
             continue
-        key = stage_key(recipe, stage, input_sha)
+        chain = chains["teacher" if stage in _TEACHER_STAGES else "student"]
+        kind = _TEACHER_STAGES.get(stage, stage)
+        previous, input_sha, upstream_changed = chain
+        key = stage_key(recipe, kind, input_sha) if stage == kind else settings_key(stage, stage_key(recipe, kind, input_sha), recipe.teacher.model_dump(mode="json"))
         finished = None if upstream_changed else state.finished_hash(stage, key, output)
         if finished:
             log(f"{stage}: {output} is up to date (same recipe sections and inputs): skipped")
@@ -258,17 +267,18 @@ def run_recipe(
             if redo and not upstream_changed:
                 log(f"{stage}: the recipe or the input changed since {output} was written: redoing it")
             state.mark(stage, key, "running", output)
-            _run_stage(stage, recipe, artifacts, output, resume=interrupted and not overwrite, overwrite_any=overwrite_any, progress=progress, recipe_file=recipe_file, log=log)
+            _run_stage(kind, recipe, previous, output, resume=interrupted and not overwrite, overwrite_any=overwrite_any, progress=progress, recipe_file=recipe_file, log=log)
             upstream_changed = True
             input_sha = hash_path(output)
             state.mark(stage, key, "done", output, input_sha)
-        artifacts.append((output.name, str(output)))  # the report labels rows by folder: student, gptq-4bit, onnx-int4
+        chain[:] = [str(output), input_sha, upstream_changed]
+        if not (stage == "teacher-quantize" and "teacher-export" in outputs):  # of the teacher's copies, only the last is benched
+            artifacts.append((output.name, str(output)))  # the report labels rows by folder: student, gptq-4bit, onnx-int4, teacher-onnx-int4
         result.outcomes.append(StageOutcome(stage, output, finished is not None, time.perf_counter() - start))
     return result
 
 
-def _run_stage(stage: str, recipe: Recipe, artifacts, output: Path, *, resume: bool, overwrite_any: bool, progress: bool, recipe_file, log) -> None:
-    previous = artifacts[-1][1]
+def _run_stage(stage: str, recipe: Recipe, previous: str, output: Path, *, resume: bool, overwrite_any: bool, progress: bool, recipe_file, log) -> None:
     if stage == "distill":
         from compress.distill.loop import run_distill
 

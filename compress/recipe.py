@@ -260,6 +260,7 @@ class BenchSpec(Spec):
     speed: StrictBool = Field(True, description="Measure latency (prefill, decode) and peak memory.")
     quality: StrictBool = Field(True, description="Measure perplexity (and KL / top-1 agreement when a teacher is known).")
     plots: StrictBool = Field(True, description="Write PNG plots (needs matplotlib: pip install 'compress-llm[plots]').")
+    teacher_baseline: StrictBool = Field(True, description="`compress run` with a quantize section: also quantize (and export) the teacher itself with the recipe's quantize (and export) settings and bench it beside the student, so the report shows whether distillation paid (row `teacher-onnx-int4` or `teacher-gptq-4bit`).")
 
     @model_validator(mode="after")
     def _check(self) -> "BenchSpec":

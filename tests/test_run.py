@@ -68,29 +68,32 @@ def test_run_skip_and_redo(tmp_path, teachers, text_files, capsys):
     recipe = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files))
     first = run_recipe(recipe, progress=False, log=lines.append)
     run = tmp_path / "run"
-    assert [(o.stage, o.skipped) for o in first.outcomes] == [("distill", False), ("quantize", False), ("export", False), ("bench", False)]
-    assert [o.artifact.name for o in first.outcomes] == ["student", "gptq-4bit", "onnx-int4", "bench"]
+    assert [(o.stage, o.skipped) for o in first.outcomes] == [(s, False) for s in ("distill", "quantize", "export", "teacher-quantize", "teacher-export", "bench")]
+    assert [o.artifact.name for o in first.outcomes] == ["student", "gptq-4bit", "onnx-int4", "teacher-gptq-4bit", "teacher-onnx-int4", "bench"]
     results = json.loads((run / "bench" / "results.json").read_text())
-    assert [a["label"] for a in results["artifacts"]] == ["teacher", "student", "gptq-4bit", "onnx-int4"]
-    assert [a["kind"] for a in results["artifacts"]] == ["float", "float", "gptq", "onnx"]
+    assert [a["label"] for a in results["artifacts"]] == ["teacher", "student", "gptq-4bit", "onnx-int4", "teacher-onnx-int4"]
+    assert [a["kind"] for a in results["artifacts"]] == ["float", "float", "gptq", "onnx", "onnx"]
     q = {a["label"]: a["quality"] for a in results["artifacts"]}
     assert q["teacher"]["kl_per_token"] == 0
+    # the teacher's own int4 copy is quantized from the teacher, not from the student: it stays far closer to the teacher
+    assert q["teacher-onnx-int4"]["kl_per_token"] < q["onnx-int4"]["kl_per_token"]
+    assert json.loads((run / "teacher-gptq-4bit" / "compress.json").read_text())["inputs"][0]["source"] == str(teachers["llama"])
     # the int4 ONNX model carries the GPTQ weights: it matches the GPTQ model far better than the student matches the teacher
     assert abs(q["onnx-int4"]["ppl"] / q["gptq-4bit"]["ppl"] - 1) < 0.05
     assert "| `onnx-int4` | onnx |" in first.report
     state = json.loads((run / RUN_FILE).read_text())["stages"]
-    assert {s: v["status"] for s, v in state.items()} == {"distill": "done", "quantize": "done", "export": "done"}
+    assert {s: v["status"] for s, v in state.items()} == {s: "done" for s in ("distill", "quantize", "export", "teacher-quantize", "teacher-export")}
 
     lines.clear()
     again = run_recipe(recipe, resume=True, progress=False, log=lines.append)
-    assert [o.skipped for o in again.outcomes] == [True, True, True, True]
-    assert sum("up to date" in line for line in lines) == 3
+    assert [o.skipped for o in again.outcomes] == [True] * 6
+    assert sum("up to date" in line for line in lines) == 5
 
     # a changed quantize section redoes quantize and export, not distill; bench measures only the new artifacts
     changed = validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files, quantize={"method": "gptq", "bits": 4, "group_size": 16, "calib": {"samples": 8, "seq_len": 32}}))
     student_sha = state["distill"]["sha256"]
     third = run_recipe(changed, resume=True, progress=False, log=lines.append)
-    assert [(o.stage, o.skipped) for o in third.outcomes] == [("distill", True), ("quantize", False), ("export", False), ("bench", False)]
+    assert [(o.stage, o.skipped) for o in third.outcomes] == [("distill", True), ("quantize", False), ("export", False), ("teacher-quantize", False), ("teacher-export", False), ("bench", False)]
     assert json.loads((run / "gptq-4bit" / "config.json").read_text())["quantization_config"]["group_size"] == 16
     assert json.loads((run / RUN_FILE).read_text())["stages"]["distill"]["sha256"] == student_sha
     # `compress bench` finds the teacher through the lineage: onnx -> gptq -> student -> teacher
