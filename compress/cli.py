@@ -230,6 +230,16 @@ def _export(args) -> int:
     return run_export_cli(args)
 
 
+# What actually continues an interrupted command (only distill and run can resume).
+INTERRUPTED = {
+    "distill": "rerun with --resume to continue from the last checkpoint",
+    "run": "rerun with --resume: finished stages are kept and an interrupted distillation continues from its last checkpoint",
+    "bench": "rerun the same command: finished measurements in the output folder are reused",
+    "prune": "nothing was written; rerun the same command to start again",
+    "quantize": "nothing was written (the output appears only when complete); rerun the same command to start again",
+    "export": "nothing was written (the output appears only when complete); rerun the same command to start again",
+}
+
 COMMANDS = {"distill": _distill, "prune": _prune, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
 
 
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compress {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ncompress {args.command}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(f"\ncompress {args.command}: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
 
 

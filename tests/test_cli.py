@@ -187,3 +187,18 @@ def test_distill_refuses_a_run_folder_inside_the_teacher(tmp_path, teachers, tex
     err = capsys.readouterr().err
     assert f"the output {teacher / 'run'} lies inside the input {teacher}" in err and "Traceback" not in err
     assert _files(teacher) == before
+
+
+@pytest.mark.parametrize("command,expected", [(["quantize", "m", "--output", "o"], "rerun the same command"), (["distill"], "--resume"), (["export", "m", "--output", "o"], "rerun the same command")])
+def test_ctrl_c_says_what_actually_continues(monkeypatch, capsys, command, expected):
+    from compress import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command[0], interrupted)
+    assert cli.main(command) == 130
+    err = capsys.readouterr().err
+    assert expected in err
+    if command[0] != "distill":
+        assert "--resume" not in err  # quantize and export have no --resume
