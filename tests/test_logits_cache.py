@@ -334,3 +334,16 @@ def test_student_from_checkpoint_equals_student_from_teacher_model(tmp_path, tea
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_pruned_student_from_a_cache_loads_the_teacher_only_to_prune(tmp_path, teachers, text_files, monkeypatch):
+    teacher = teachers["llama"]
+    prune = {"prune": {"target_params": 0.6, "multiple_of": 8, "calib_samples": 6, "proxy_samples": 3}}
+    first = validate_recipe(cache_recipe(tmp_path / "a", teacher, text_files, root=tmp_path / "logits", student=prune, steps=2, eval_every=2, save_every=2))
+    result = run_distill(first, progress=False)  # builds the cache and prunes (both need the teacher)
+    assert result.metrics["pruned"]["parameters"] < result.metrics["teacher_parameters"]
+    # Same run folder again: the pruned student and the cache are both reused, so the teacher is never loaded.
+    forbid_teacher(monkeypatch, teacher)
+    again = run_distill(first, progress=False, overwrite=True)
+    assert again.metrics["pruned"] == result.metrics["pruned"]
+    assert again.metrics["teacher_logits_cache"]["build_s"] is None
