@@ -308,3 +308,19 @@ def test_a_failed_prune_leaves_nothing_behind(tmp_path, teachers, text_files, mo
                   "--set", f"data.train={text_files['train']}", "--set", "data.seq_len=32", "--set", f"data.cache_dir={tmp_path / 'cache'}",
                   "--set", "student.prune.multiple_of=8", "--set", "student.prune.calib_samples=4", "--set", "student.prune.proxy_samples=2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no output, no staging folder
+
+
+def test_shortlist_spans_the_depths_a_budget_allows():
+    from compress.prune.stage import _shortlist
+
+    teacher = tiny("llama", layers=6)
+    plan = plan_prune(teacher, PruneSpec(target_params=0.6, multiple_of=8))
+    scores = measure_importance(teacher, ids(), batch_size=3, width=True)
+    # Block Influence as on SmolLM2: the first and last blocks hold most of it, so the prior alone
+    # would score only shallow shapes.
+    scores.depth = torch.tensor([10.0, 0.02, 0.01, 0.01, 0.02, 3.0])
+    depths = {s.num_hidden_layers for s, _ in plan.candidates}
+    short = _shortlist(plan, scores, 4)
+    assert len(short) == 4 and len({s for s, _, _ in short}) == 4
+    got = {s.num_hidden_layers for s, _, _ in short}
+    assert min(depths) in got and max(depths) in got  # the shallowest and the full-depth (width-only) shapes are both scored

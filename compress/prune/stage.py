@@ -105,14 +105,31 @@ def _prior(shape: Shape, teacher: Shape, scores: Importance) -> float:
 
 
 def _shortlist(plan: PrunePlan, scores: Importance, n: int) -> list[tuple[Shape, int, float]]:
-    """The best shape by prior for each (layers, heads) layout, then the `n` best of those."""
+    """The shapes the KL proxy scores: the best by prior for each (layers, heads) layout; of those, the best
+    for layer counts spread evenly over the range (both ends included, half the slots), then the best by
+    prior. The prior alone favours shallow shapes (a few blocks hold most of the Block Influence), while
+    the proxy may prefer keeping every block and pruning width: the spread puts both before it."""
     best: dict[tuple[int, int, int], tuple[Shape, int, float]] = {}
     for shape, params in plan.candidates:
         prior = _prior(shape, plan.teacher, scores)
         key = (shape.num_hidden_layers, shape.num_attention_heads, shape.num_key_value_heads)
         if key not in best or prior > best[key][2]:
             best[key] = (shape, params, prior)
-    return sorted(best.values(), key=lambda c: -c[2])[:n]
+    ranked = sorted(best.values(), key=lambda c: -c[2])
+    by_depth: dict[int, tuple[Shape, int, float]] = {}
+    for c in ranked:
+        by_depth.setdefault(c[0].num_hidden_layers, c)
+    depths = sorted(by_depth)
+    spread = max(1, min(len(depths), n // 2))
+    picks = [by_depth[depths[round(i * (len(depths) - 1) / max(1, spread - 1))]] for i in range(spread)] if len(depths) > 1 else []
+    chosen = list(dict.fromkeys(c[0] for c in picks))
+    for c in ranked:
+        if len(chosen) >= n:
+            break
+        if c[0] not in chosen:
+            chosen.append(c[0])
+    entry = {c[0]: c for c in ranked}
+    return sorted((entry[s] for s in chosen[:n]), key=lambda c: -c[2])
 
 
 def _split_blocks(train_ids: torch.Tensor, calib: int, proxy: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
