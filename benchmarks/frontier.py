@@ -29,15 +29,16 @@ RESULTS = Path(__file__).parent / "results"
 TEACHER = "builtin:smollm2-135m"
 DOMAINS = {"pydocs": "builtin:pydocs/eval", "licenses": "builtin:licenses/eval"}
 
-_DEPTH = ["student.from_teacher=null", "student.prune.axes=[depth]"]
-_WIDTH = ["student.from_teacher=null", "student.prune.axes=[heads,mlp,hidden]"]
-_BOTH = ["student.from_teacher=null", "student.prune.axes=[depth,heads,mlp,hidden]"]
+# Each row replaces the recipe's student section entirely ("student=null" first).
+_DEPTH = ["student=null", "student.prune.axes=[depth]"]
+_WIDTH = ["student=null", "student.prune.axes=[heads,mlp,hidden]"]
+_BOTH = ["student=null", "student.prune.axes=[depth,heads,mlp,hidden]"]
 STUDENTS = {
-    "even-0.5": ("evenly spaced layers", ["student.from_teacher.layers=10"]),
+    "even-0.5": ("evenly spaced layers", ["student=null", "student.from_teacher.layers=10"]),
     "depth-0.5": ("importance depth (Block Influence)", _DEPTH + ["student.prune.target_params=0.5"]),
     "width-0.5": ("Minitron width", _WIDTH + ["student.prune.target_params=0.5"]),
     "both-0.5": ("depth + width", _BOTH + ["student.prune.target_params=0.5"]),
-    "even-0.7": ("evenly spaced layers", ["student.from_teacher.layers=18"]),
+    "even-0.7": ("evenly spaced layers", ["student=null", "student.from_teacher.layers=18"]),
     "depth-0.7": ("importance depth (Block Influence)", _DEPTH + ["student.prune.target_params=0.7"]),
     "width-0.7": ("Minitron width", _WIDTH + ["student.prune.target_params=0.7"]),
     "both-0.7": ("depth + width", _BOTH + ["student.prune.target_params=0.7"]),
