@@ -347,3 +347,10 @@ def test_pruned_student_from_a_cache_loads_the_teacher_only_to_prune(tmp_path, t
     again = run_distill(first, progress=False, overwrite=True)
     assert again.metrics["pruned"] == result.metrics["pruned"]
     assert again.metrics["teacher_logits_cache"]["build_s"] is None
+
+
+def test_targets_read_under_bf16_autocast(tmp_path, teachers, text_files):
+    # distill.precision bf16 on CPU runs the training step under autocast; reading uint16 ids must still work.
+    recipe = validate_recipe(cache_recipe(tmp_path, teachers["qwen2"], text_files, root=tmp_path / "logits", steps=2, eval_every=2, precision="bf16"))
+    result = run_distill(recipe, progress=False)
+    assert result.steps == 2 and result.metrics["eval"]["kl_per_token"] > 0

@@ -158,12 +158,10 @@ class LogitsCache:
             shard, row = divmod(block, per_shard)
             fh = self._shard(shard)
             for name, rows in parts.items():
-                rows.append(fh.get_slice(name)[row : row + 1])
-        return TopKTargets(
-            torch.cat(parts["logprobs"]).float(),
-            torch.cat(parts["indices"]).to(torch.int64),
-            torch.cat(parts["tail"]).float(),
-        )
+                # Widened per row: torch.cat of uint16 fails under CPU autocast (distill.precision bf16).
+                piece = fh.get_slice(name)[row : row + 1]
+                rows.append(piece.to(torch.int64) if name == "indices" else piece.float())
+        return TopKTargets(torch.cat(parts["logprobs"]), torch.cat(parts["indices"]), torch.cat(parts["tail"]))
 
     def eval_hidden(self, index: torch.Tensor) -> torch.Tensor:
         """The teacher's final hidden states (b, T, H) fp32 on eval blocks `index`."""
