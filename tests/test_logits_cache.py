@@ -351,6 +351,12 @@ def test_pruned_student_from_a_cache_loads_the_teacher_only_to_prune(tmp_path, t
 
 def test_targets_read_under_bf16_autocast(tmp_path, teachers, text_files):
     # distill.precision bf16 on CPU runs the training step under autocast; reading uint16 ids must still work.
+    from accelerate.state import AcceleratorState
+
     recipe = validate_recipe(cache_recipe(tmp_path, teachers["qwen2"], text_files, root=tmp_path / "logits", steps=2, eval_every=2, precision="bf16"))
-    result = run_distill(recipe, progress=False)
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
+    try:
+        result = run_distill(recipe, progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
     assert result.steps == 2 and result.metrics["eval"]["kl_per_token"] > 0
