@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.architectures import get_blocks
+from compress.models import lm_head
 from compress.distill.losses import AgreementSums, agreement_sums
 from compress.prune import importance as imp
 
@@ -42,11 +43,6 @@ class Importance:
         }
 
 
-def _head_parts(model) -> tuple[Tensor, Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
 @torch.no_grad()
 def final_hidden(model, ids: Tensor, batch_size: int) -> Tensor:
     """(n, T, H) final normed hidden states, on CPU."""
@@ -59,7 +55,7 @@ def final_hidden(model, ids: Tensor, batch_size: int) -> Tensor:
 def kl_to_teacher(model, ids: Tensor, teacher_hidden: Tensor, teacher_head, *, batch_size: int, chunk_size: int = 1024) -> AgreementSums:
     """Sums of KL(teacher || model), NLLs and top-1 agreement over `ids`; `teacher_hidden` from `final_hidden`."""
     device = next(model.parameters()).device
-    weight, bias = _head_parts(model)
+    weight, bias = lm_head(model)
     total = AgreementSums(tokens=0, student_nll=0.0, teacher_nll=0.0, kl=0.0, top1_agree=0)
     for i in range(0, len(ids), batch_size):
         batch = ids[i : i + batch_size].to(device)
@@ -156,7 +152,7 @@ def skip_kl(model: nn.Module, ids: Tensor, *, batch_size: int, progress=None) ->
     """(layers,) KL(full model || model with block l replaced by the identity) per token, for each l."""
     blocks = get_blocks(model)
     reference = final_hidden(model, ids, batch_size)
-    head = _head_parts(model)
+    head = lm_head(model)
     out = torch.zeros(len(blocks))
     for index, block in enumerate(blocks):
         handle = block.register_forward_hook(lambda m, args, kwargs, output: _skip(args, kwargs, output), with_kwargs=True)

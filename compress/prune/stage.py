@@ -71,9 +71,10 @@ def plan_prune(model: nn.Module, spec) -> PrunePlan:
         raise StudentSpecError(f"student.prune.axes: {sorted(set(axes) - {'depth'})} cannot be pruned for this {model.config.model_type} model ({why}); use axes: [depth]")
     if budget >= total:
         raise StudentSpecError(f"student.prune.target_params: a budget of {budget:,} parameters is not below the teacher's {total:,}; give a fraction below 1 or a smaller count")
-    candidates = candidate_shapes(layout, tshape, budget, axes, multiple_of=spec.multiple_of, tolerance=spec.tolerance, depth_only_count=lambda n: count(Shape(n, tshape.hidden_size, tshape.intermediate_size, tshape.num_attention_heads, tshape.num_key_value_heads)))
+    depth_count = lambda n: count(Shape(n, tshape.hidden_size, tshape.intermediate_size, tshape.num_attention_heads, tshape.num_key_value_heads))  # noqa: E731
+    candidates = candidate_shapes(layout, tshape, budget, axes, multiple_of=spec.multiple_of, tolerance=spec.tolerance, depth_only_count=depth_count)
     if not candidates:
-        smallest = candidate_shapes(layout, tshape, total - 1, axes, multiple_of=spec.multiple_of, tolerance=1 - 1e-9, depth_only_count=lambda n: count(Shape(n, tshape.hidden_size, tshape.intermediate_size, tshape.num_attention_heads, tshape.num_key_value_heads)))
+        smallest = candidate_shapes(layout, tshape, total - 1, axes, multiple_of=spec.multiple_of, tolerance=1 - 1e-9, depth_only_count=depth_count)
         low = min((p for _, p in smallest), default=None)
         reach = f"the smallest shape these axes reach has {low:,} parameters ({low / total:.3f} of the teacher)" if low else "no shape on these axes is smaller than the teacher"
         raise StudentSpecError(
@@ -163,8 +164,7 @@ def _prune(teacher, train_ids, spec, plan: PrunePlan, *, seed, progress, log) ->
     measure_s = time.perf_counter() - t0
     shortlist = _shortlist(plan, scores, spec.candidates) if plan.budget is not None else [(plan.candidates[0][0], plan.candidates[0][1], _prior(plan.candidates[0][0], plan.teacher, scores))]
     teacher_hidden = final_hidden(teacher, proxy, spec.batch_size)
-    head = teacher.get_output_embeddings()
-    teacher_head = (head.weight, getattr(head, "bias", None))
+    teacher_head = models.lm_head(teacher)
     rows, best = [], None
     bar = tqdm(shortlist, desc="prune: candidates", unit="shape", disable=not progress or len(shortlist) < 2, dynamic_ncols=True)
     for shape, params, prior in bar:
