@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def launch(tmp_path: Path, recipe: dict, nproc: int) -> list[dict]:
+def launch(tmp_path: Path, recipe: dict, nproc: int, *, env: dict | None = None, timeout: int = 600) -> list[dict]:
     out = tmp_path / f"out{nproc}"
     out.mkdir()
     recipe_json = out / "recipe.json"
     recipe_json.write_text(json.dumps(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1]), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), str(recipe_json), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -55,7 +55,8 @@ def test_two_processes_distil_from_a_cache_rank_zero_builds(tmp_path, teachers, 
         recipe["teacher"]["logits_cache"] = {"enabled": True, "top_k": 16, "shard_blocks": 8, "dir": str(tmp_path / f"logits{nproc}")}
         recipes[nproc] = recipe
     single = launch(tmp_path, recipes[1], 1)
-    ranks = launch(tmp_path, recipes[2], 2)
+    # Rank 1 arrives only after rank 0 has built the cache: both still pass the same barriers.
+    ranks = launch(tmp_path, recipes[2], 2, env={"LATE_RANK_WAITS_FOR_CACHE": "1"}, timeout=240)
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert ranks[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-4)
     assert len(list((tmp_path / "logits2").glob("*/train-*.safetensors"))) == 3

@@ -147,13 +147,19 @@ def cached_teacher(recipe: Recipe, tokenizer, blocks, accelerator, *, progress: 
     no complete one exists; and facts about it for the metrics."""
     spec, loss = recipe.teacher.logits_cache, recipe.distill.loss
     root, key = logits_cache.cache_root(spec.dir), logits_cache_key(recipe, tokenizer, blocks)
-    cache, built_s = logits_cache.open_cache(root, key), None
-    if cache is None:
-        start = time.perf_counter()
-        if accelerator.is_main_process:
+    built_s = None
+    # Every rank passes the same barrier whatever it finds on disk: the main process builds a missing cache
+    # first, the others open it after. (Deciding per rank whether to wait raced: a slow rank that found the
+    # cache the main process had just finished skipped the barrier the main process then waited in forever.)
+    with accelerator.main_process_first():
+        cache = logits_cache.open_cache(root, key)
+        if cache is None and not accelerator.is_main_process:
+            raise logits_cache.LogitsCacheError(f"the main process did not build the teacher-logits cache under {root}")
+        if cache is None:
+            start = time.perf_counter()
             live = LiveTeacher(load_teacher(recipe, accelerator.device))
             with accelerator.autocast():
-                logits_cache.build_cache(
+                cache = logits_cache.build_cache(
                     root, key, train_blocks=blocks.train, eval_blocks=blocks.eval,
                     topk=lambda ids: live.topk(ids.to(accelerator.device), spec.top_k, temperature=loss.temperature, chunk_size=loss.chunk_size),
                     eval_hidden=lambda ids: live.eval_hidden(None, ids, batch_size=len(ids)),
@@ -162,8 +168,7 @@ def cached_teacher(recipe: Recipe, tokenizer, blocks, accelerator, *, progress: 
                     progress=progress,
                 )
             del live
-        accelerator.wait_for_everyone()
-        cache, built_s = logits_cache.open_cache(root, key), round(time.perf_counter() - start, 1)
+            built_s = round(time.perf_counter() - start, 1)
     facts = {"path": str(cache.path), "key": key.digest, "top_k": cache.top_k, "bytes_per_position": cache.manifest["bytes_per_position"], "bytes": cache.nbytes(), "build_s": built_s}
     return CachedTeacher(cache, accelerator.device), facts
 
@@ -244,8 +249,9 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         teacher_model = lambda: teacher  # noqa: E731
         blocks = load_blocks(recipe.data, tokenizer)
     torch.manual_seed(recipe.seed)
-    student, made = build_student(recipe, config, source.vocab_size, tokenizer, teacher_layers, teacher_model=teacher_model,
-                                  train_ids=blocks.train, progress=progress and accelerator.is_main_process)
+    with accelerator.main_process_first():  # a pruned student is written by the main process, then reused by the others
+        student, made = build_student(recipe, config, source.vocab_size, tokenizer, teacher_layers, teacher_model=teacher_model,
+                                      train_ids=blocks.train, progress=progress and accelerator.is_main_process)
     student = student.to(torch.float32)
     student.config.use_cache = False
 
