@@ -283,7 +283,8 @@ def check_output(
 
 @contextlib.contextmanager
 def staging_dir(target: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, overwrite_any: bool = False, kind: OutputKind = ARTIFACT) -> Iterator[Path]:
-    """A temporary sibling of `target` that becomes `target` when the block finishes without error. `check_output`
+    """A temporary sibling of `target` that becomes `target` when the block finishes without error (an artifact's
+    config.json and tokenizer_config.json made portable first: compress.portable). `check_output`
     runs on entry and again before the rename (for what appeared meanwhile); an old `target` is moved aside and
     removed only once the new one is in place."""
     inputs = list(inputs)
@@ -295,6 +296,10 @@ def staging_dir(target: str | Path, *, inputs: Iterable[str | Path | None] = (),
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
     try:
         yield tmp
+        if kind is ARTIFACT:
+            from compress.portable import make_portable
+
+            make_portable(tmp)  # every model folder we write loads the same in transformers 4.57+ and 5.x
         check_output(target, inputs=inputs, overwrite=overwrite, overwrite_any=overwrite_any, kind=kind)
         if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{_owner()}-{secrets.token_hex(4)}")

@@ -72,8 +72,11 @@ def _builtin_dir(name: str) -> Path:
 
 def builtin_model_dir(name: str) -> Path:
     """Convert the embedded GGUF model into a plain HF folder once; later calls reuse it."""
+    from compress.portable import make_portable
+
     target = _builtin_dir(name)
     if (target / "config.json").is_file():
+        make_portable(target)  # a folder converted by an older compress; a no-op once done
         return target
     gguf = _builtin_gguf(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,6 +98,7 @@ def builtin_model_dir(name: str) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

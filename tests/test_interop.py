@@ -1,0 +1,146 @@
+"""Our artifacts load as the same model in the transformers a user already has.
+
+The side virtualenvs come from tests/interop/setup.sh (CI builds them and sets COMPRESS_INTEROP_REQUIRED=1,
+so a missing one fails there; elsewhere those tests are skipped with the command that builds them). The
+portable-config tests at the top need no side virtualenv.
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_recipe
+from safetensors import safe_open
+
+from compress import models
+from compress.artifacts import ArtifactRecord, write_artifact
+from compress.portable import portable_config, portable_tokenizer_config
+
+ROOT = Path(__file__).parents[1]
+INTEROP = Path(os.environ.get("COMPRESS_INTEROP_DIR", ROOT / ".venv-interop"))
+SCRIPT = ROOT / "tests" / "interop" / "tf_forward.py"
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+
+
+def side_python(name: str) -> Path:
+    python = INTEROP / name / "bin" / "python"
+    if not python.is_file():
+        message = f"interop virtualenv {name} is missing ({python}); build it with: bash tests/interop/setup.sh"
+        if os.environ.get("COMPRESS_INTEROP_REQUIRED"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def rope_overrides(family: str) -> dict:
+    """A RoPE base far from every default (10000), so a loader that drops it computes another model."""
+    rope = {"rope_theta": 123456.0, "rope_type": "default"}
+    if family == "gpt_neox":
+        rope["partial_rotary_factor"] = 0.5
+    return {"rope_parameters": rope}
+
+
+def save_ours(directory: Path, model, tokenizer) -> Path:
+    """The way every stage writes a model folder (artifacts.write_artifact over models.save_model)."""
+    record = ArtifactRecord(stage="test", recipe={}, inputs=[], metrics={}, device={})
+    return write_artifact(directory, record, lambda d: models.save_model(model, tokenizer, d))
+
+
+def forward_in(python: Path, folder: Path, text: Path, out: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    proc = subprocess.run([str(python), str(SCRIPT), str(folder), str(text), str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(out), "pt") as fh:
+        return fh.metadata(), fh.get_tensor("logits"), fh.get_tensor("ids")
+
+
+def forward_here(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+# -- no side virtualenv needed ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_portable_config_spells_rope_both_ways_and_reloads_identically(tmp_path, tokenizer_dir, family):
+    from transformers import AutoConfig
+
+    folder = save_ours(tmp_path / "ours", *_tiny(tmp_path, tokenizer_dir, family))
+    written = json.loads((folder / "config.json").read_text())
+    assert written["rope_theta"] == 123456.0 and written["rope_scaling"] is None
+    assert written["torch_dtype"] == written["dtype"] and written["use_cache"] is True
+    if family == "gpt_neox":
+        assert (written["rotary_emb_base"], written["rotary_pct"], written["partial_rotary_factor"]) == (123456.0, 0.5, 0.5)
+    # transformers 5 reads the written file as the model it saved
+    assert AutoConfig.from_pretrained(folder).rope_parameters == AutoConfig.from_pretrained(tmp_path / "plain").rope_parameters
+
+
+def test_scaled_rope_keeps_its_parameters_in_rope_scaling(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    out = portable_config({"model_type": "llama", "rope_parameters": rope, "use_cache": False})
+    assert out["rope_theta"] == 500000.0
+    assert out["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert out["use_cache"] is True
+    from transformers import LlamaConfig
+
+    # transformers 5 gives rope_scaling priority: the two spellings must resolve to the same parameters
+    (tmp_path / "config.json").write_text(json.dumps(out))
+    assert LlamaConfig.from_pretrained(tmp_path).rope_parameters == rope
+
+
+def test_tokenizer_config_names_a_class_both_lines_know_and_no_machine_fields(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    before = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    after = portable_tokenizer_config({**before, "tokenizer_class": "TokenizersBackend", "local_files_only": True, "is_local": True})
+    assert after["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "local_files_only" not in after and "is_local" not in after
+    # transformers 5 loads the renamed class as the same tokenizer
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(after))
+    text = "def f(x):\n    return x ** 2  # squares"
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
+
+
+def _tiny(tmp_path: Path, tokenizer_dir: Path, family: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = save_tiny(tmp_path / "plain", family, tokenizer_dir, layers=2, **rope_overrides(family))
+    return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32), AutoTokenizer.from_pretrained(plain)
+
+
+# -- transformers 4.57 in its side virtualenv ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_transformers_4_reads_our_model_folder_as_the_same_model(tmp_path, tokenizer_dir, text_files, family):
+    python = side_python("tf4")
+    folder = save_ours(tmp_path / "ours", *_tiny(tmp_path, tokenizer_dir, family))
+    meta, logits, ids = forward_in(python, folder, text_files["eval"], tmp_path / "tf4.safetensors")
+    assert meta["transformers"].startswith("4.")
+    assert json.loads(meta["rope_theta"]) == 123456.0, "transformers 4 resolved another RoPE base"
+    assert json.loads(meta["use_cache"]) is True
+    from transformers import AutoTokenizer
+
+    assert ids[0].tolist() == AutoTokenizer.from_pretrained(folder)(text_files["eval"].read_text())["input_ids"][:64]
+    torch.testing.assert_close(logits, forward_here(folder, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_4_loads_a_distilled_student(tmp_path, tokenizer_dir, text_files):
+    """The distill stage's own artifact (trained with use_cache off), not only the shared writer."""
+    from compress.distill.loop import run_distill
+    from compress.recipe import validate_recipe
+
+    python = side_python("tf4")
+    teacher = save_tiny(tmp_path / "teacher", "llama", tokenizer_dir, layers=2, **rope_overrides("llama"))
+    recipe = tiny_recipe(tmp_path, teacher, text_files, steps=2, eval_every=2, save_every=2)
+    result = run_distill(validate_recipe(recipe), progress=False)
+    meta, logits, ids = forward_in(python, result.artifact, text_files["eval"], tmp_path / "tf4.safetensors")
+    assert json.loads(meta["rope_theta"]) == 123456.0 and json.loads(meta["use_cache"]) is True
+    torch.testing.assert_close(logits, forward_here(result.artifact, ids), rtol=1e-4, atol=1e-4)
