@@ -226,6 +226,11 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
             model.generation_config.save_pretrained(tmp)
         provider = "cuda" if settings["device"] == "cuda" else None
         write_json_atomic(tmp / "genai_config.json", genai_config(config, generation, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, provider=provider, share_buffer=settings["exporter"] == "fused"))
+        from compress_exporters.folder_readme import folder_readme
+        from compress_exporters.graph import KEEP_INPUT
+
+        fused_graph = settings["exporter"] == "fused"
+        (tmp / "README.md").write_text(folder_readme(tmp / MODEL_FILE, config=config, kv=vars(layout), settings=settings, share_buffer=fused_graph, keep_input=KEEP_INPUT if fused_graph else None))
         sizes = {"model_bytes": model_bytes(tmp), "source_weight_bytes": sum(p.stat().st_size for p in source.local.glob("*.safetensors")) if source.local else 0}
         record = ArtifactRecord(
             stage="export",

@@ -344,3 +344,31 @@ def test_pyproject_lists_every_package():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "compress").rglob("__init__.py")}
     found |= {"compress_exporters." + ".".join(p.parent.relative_to(ROOT / "exporters").parts) if p.parent != ROOT / "exporters" else "compress_exporters" for p in (ROOT / "exporters").rglob("__init__.py")}
     assert found == listed, f"pyproject.toml [tool.setuptools] packages must list exactly {sorted(found)}"
+
+
+@pytest.mark.parametrize("family,weights", [("llama", "int4"), ("gpt2", "fp32")])
+def test_folder_readme_documents_the_graph_and_its_example_runs(tmp_path, tiny, family, weights):
+    """The README's inputs are the graph's inputs, and its onnxruntime-only example, run as written in the
+    folder, generates the tokens our runtime generates (fused graph: llama; traced graph: gpt2)."""
+    import re
+    import subprocess
+    import sys
+
+    import onnx
+
+    from compress_exporters.runtime import OnnxCausalLM
+
+    out = tmp_path / "onnx"
+    export_onnx(tiny(family), out, weights=weights)
+    readme = (out / "README.md").read_text()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:
+        documented = re.sub(r"\.\d+\.", ".{i}.", value.name)
+        assert f"`{documented}`" in readme, f"{value.name} is not in the folder's README"
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runtime = OnnxCausalLM.from_dir(out)
+    prompt = runtime.tokenizer.encode("def fibonacci(n):").ids
+    expected = runtime.decode(prompt + runtime.generate(prompt, max_new_tokens=16, stop_tokens=[]).token_ids)
+    assert proc.stdout == expected + "\n"
