@@ -144,11 +144,179 @@ def on_disk(name: str | None) -> Path | None:
     return path if path.exists() else None
 
 
+# --- input checks: every loader of a local folder calls check_model_folder before transformers reads it ---
+
+REMOTE_CODE_HINT = (
+    "compress never runs a model's own code unless told to. If you trust it, allow it for a distillation with "
+    "teacher.trust_remote_code: true (student.trust_remote_code for student.model) in the recipe, or "
+    "--set teacher.trust_remote_code=true; compress quantize, export and bench do not run remote code"
+)
+
+
+class RemoteCodeError(ModelSourceError):
+    """A model whose config.json needs its own Python code (auto_map) while trust_remote_code is off."""
+
+
+class CorruptWeightsError(ModelSourceError):
+    """A safetensors file that cannot be read: truncated or corrupt."""
+
+
+class ConfigMismatchError(ModelSourceError):
+    """config.json describes tensors of other shapes than the weight files hold."""
+
+
+class NonFiniteWeightsError(ModelSourceError):
+    """NaN or Inf in a model's weights."""
+
+
+class QuantizationConfigError(ModelSourceError):
+    """A quantization_config (group size, bits) that disagrees with the stored quantized tensors."""
+
+
+def read_config_json(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict; unreadable JSON is an error naming the file."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"{path} is not readable JSON ({err}); fix it or re-create the model folder") from None
+
+
+def check_remote_code(folder: str | Path, config: dict, *, trust_remote_code: bool = False) -> None:
+    """Refuse a model whose architecture transformers does not know, before transformers asks (or prompts)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return
+    if config.get("auto_map"):
+        if trust_remote_code:
+            return
+        raise RemoteCodeError(
+            f"{folder} needs its own Python code (trust_remote_code): its config.json has an auto_map and model_type "
+            f"{model_type!r} is not one transformers {transformers.__version__} knows. {REMOTE_CODE_HINT}"
+        )
+    raise ModelSourceError(
+        f"{Path(folder) / 'config.json'}: model_type {model_type!r} is not one transformers {transformers.__version__} knows "
+        "(and there is no auto_map to the model's own code); upgrade transformers or fix model_type"
+    )
+
+
+_CHECKED: set[tuple] = set()  # folders whose weights passed, by their files' sizes and times
+
+
+def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False, weights: bool = True) -> None:
+    """Refuse, before any weights load, a local model folder that cannot load as it is, naming the file, key or
+    tensor: remote code that is not allowed, an unreadable (truncated, corrupt) safetensors file, a config whose
+    shapes disagree with the stored tensors, a GPTQ group size or bit width its tensors contradict, NaN/Inf
+    weights. `weights=False`: the config alone. A folder passes once per process until its files change."""
+    folder = Path(folder)
+    config = read_config_json(folder)
+    check_remote_code(folder, config, trust_remote_code=trust_remote_code)
+    if not weights:
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    stamp = (str(folder.resolve()), trust_remote_code, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (folder / "config.json", *files)))
+    if stamp in _CHECKED or not files:  # no safetensors files: the loader says so
+        return
+    stored = _stored_shapes(files)
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method in (None, "gptq"):  # bitsandbytes stores packed tensors of other shapes
+        _check_shapes(folder, config, stored, trust_remote_code)
+    if method == "gptq":
+        from compress.quantize.gptq_checkpoint import check_groups
+
+        check_groups(folder, quant, CheckpointTensors({k: (file, k) for k, (file, _) in stored.items()}, torch.float32))
+    _check_finite(files)
+    _CHECKED.add(stamp)
+
+
+def _unreadable(file: Path, err: Exception) -> CorruptWeightsError:
+    return CorruptWeightsError(f"{file} is unreadable: the safetensors file is truncated or corrupt ({err}); re-create it (rerun the command that wrote it) or re-download it")
+
+
+def _stored_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape) from the safetensors headers (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[key] = (file, tuple(fh.get_slice(key).get_shape()))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise _unreadable(file, err) from None
+    return shapes
+
+
+# Config keys that size tensors: a mismatch names those the config has (and any other key equal to an expected size).
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+              "n_embd", "n_head", "n_inner", "ffn_dim", "word_embed_proj_dim")
+
+
+def _check_shapes(folder: Path, config_dict: dict, stored: dict, trust_remote_code: bool) -> None:
+    """Compare the shapes a meta-device model built from config.json expects with the stored ones."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        expected = _expected_shapes(config, trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise ConfigMismatchError(f"{folder / 'config.json'} does not describe a model transformers can build ({err}); fix it or re-create the folder") from None
+    if expected is None:  # tensors transformers fuses or splits on load: their saved shapes are not the model's
+        return
+    wrong = [(name, stored[name][1], shape) for name, shape in expected.items() if name in stored and stored[name][1] != shape]
+    if not wrong:
+        return
+    dims = {e for _, s, shape in wrong for e, d in zip(shape, s) if e != d} | {e for _, s, shape in wrong if len(s) != len(shape) for e in shape}
+    keys = [k for k in _SIZE_KEYS if k in config_dict]
+    keys += [k for k, v in config_dict.items() if k not in keys and type(v) is int and v in dims and not k.endswith(("_id", "_ids"))]
+    listed = "; ".join(f"{name}: stored {s}, config expects {shape}" for name, s, shape in wrong[:3])
+    more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+    raise ConfigMismatchError(
+        f"{folder / 'config.json'} does not match the weights in {folder}: {listed}{more}. Check "
+        f"{', '.join(f'{k}={config_dict[k]}' for k in keys)} in config.json: it must be the config the weights were saved with"
+    )
+
+
+def _check_finite(files: list[Path]) -> None:
+    """Read every tensor once: a NaN/Inf is named with its file (and a file that fails mid-read is corrupt)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    tensor = fh.get_tensor(key)
+                    if not tensor.is_floating_point() or torch.isfinite(tensor).all():
+                        continue
+                    nan = int(torch.isnan(tensor).sum())
+                    inf = int((~torch.isfinite(tensor)).sum()) - nan
+                    counts = ", ".join(part for part in (nan and f"{nan} NaN", inf and f"{inf} Inf") if part)
+                    raise NonFiniteWeightsError(
+                        f"{key} in {file} has {nan + inf} non-finite value{'s' if nan + inf > 1 else ''} ({counts}) of {tensor.numel():,}: "
+                        "the model is broken (a diverged run, a bad conversion or download); use the checkpoint it came from or re-create it"
+                    )
+        except NonFiniteWeightsError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise _unreadable(file, err) from None
+
+
 def load_model(name: str, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False):
     """A causal LM from safetensors, in eval mode on CPU; the caller moves it."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name)
+    if Path(source).is_dir():
+        check_model_folder(source, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -168,6 +336,8 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
     from transformers import AutoConfig
 
     source = resolve_source(name)
+    if Path(source).is_dir():
+        check_model_folder(source, trust_remote_code=trust_remote_code, weights=False)
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -196,9 +366,9 @@ class CheckpointTensors(Mapping):
         return len(self._where)
 
 
-def _checkpoint_names(config, trust_remote_code: bool) -> dict[str, str] | None:
-    """Model tensor name -> the name save_pretrained writes (transformers renames some on load, e.g. GPT-NeoX's
-    embed_out -> lm_head), from a weightless skeleton; None where a tensor is more than renamed (fused/split)."""
+def _saved_tensors(config, trust_remote_code: bool) -> dict[str, tuple[str, torch.Tensor]] | None:
+    """The meta tensors of a weightless skeleton under the names (and shapes) save_pretrained writes them with;
+    None where a tensor is more than renamed on load (fused/split)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -207,13 +377,26 @@ def _checkpoint_names(config, trust_remote_code: bool) -> dict[str, str] | None:
         revert_weight_conversion = None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names = {}
+    saved = {}
     for key, tensor in skeleton.state_dict().items():
         out = revert_weight_conversion(skeleton, {key: tensor}) if revert_weight_conversion else {key: tensor}
         if len(out) != 1:
             return None
-        names[key] = next(iter(out))
-    return names
+        saved[key] = next(iter(out.items()))
+    return saved
+
+
+def _checkpoint_names(config, trust_remote_code: bool) -> dict[str, str] | None:
+    """Model tensor name -> the name save_pretrained writes (transformers renames some on load, e.g. GPT-NeoX's
+    embed_out -> lm_head), from a weightless skeleton; None where a tensor is more than renamed (fused/split)."""
+    saved = _saved_tensors(config, trust_remote_code)
+    return None if saved is None else {key: name for key, (name, _) in saved.items()}
+
+
+def _expected_shapes(config, trust_remote_code: bool) -> dict[str, tuple[int, ...]] | None:
+    """Saved tensor name -> the shape the model built from `config` expects (None: see _saved_tensors)."""
+    saved = _saved_tensors(config, trust_remote_code)
+    return None if saved is None else {name: tuple(tensor.shape) for name, tensor in saved.values()}
 
 
 def checkpoint_tensors(name: str, config, *, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False) -> CheckpointTensors | None:
@@ -231,6 +414,7 @@ def checkpoint_tensors(name: str, config, *, dtype: str = "float32", revision: s
             folder = Path(snapshot_download(source, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
         except Exception as err:  # noqa: BLE001 - network, auth, missing repo: say which model
             raise ModelSourceError(f"could not fetch the safetensors files of {name!r}: {err}") from None
+    check_model_folder(folder, trust_remote_code=trust_remote_code)
     stored: dict[str, Path] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
@@ -245,6 +429,8 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     from transformers import AutoTokenizer
 
     source = resolve_source(name)
+    if Path(source).is_dir():
+        check_model_folder(source, trust_remote_code=trust_remote_code, weights=False)
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -253,10 +439,9 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
 
 def load_quantized(directory, *, device: str | torch.device = "cpu"):
     """Any artifact folder: GPTQ through our torch loader (every device, any group size), bitsandbytes
-    through transformers (needs bitsandbytes), float as usual."""
-    import json
-
-    config = json.loads((Path(directory) / "config.json").read_text())
+    through transformers (needs bitsandbytes), float as usual. The folder is checked first (check_model_folder)."""
+    check_model_folder(directory)
+    config = read_config_json(directory)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method == "gptq":
         from compress.quantize.gptq_checkpoint import load_gptq

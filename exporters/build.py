@@ -33,6 +33,8 @@ def inspect_source(model_dir, weights: str) -> Source:
 
     path = models.resolve_source(str(model_dir))
     local = models.local_path(str(model_dir))
+    if local is not None:
+        models.check_model_folder(local)  # remote code, unreadable weights, shapes, GPTQ groups, NaN/Inf: by name
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ def inspect_artifact(name: str, label: str | None = None) -> ArtifactInfo:
 
         config = AutoConfig.from_pretrained(name).to_dict()
     else:
-        config = json.loads((folder / "config.json").read_text())
+        config = models.read_config_json(folder)
     if folder is not None and (folder / "model.onnx").is_file():
         kind = "onnx"
     else:
@@ -54,6 +53,8 @@ def inspect_artifact(name: str, label: str | None = None) -> ArtifactInfo:
         kind = {None: "float", "gptq": "gptq", "bitsandbytes": "bnb"}.get(method)
         if kind is None:
             raise BenchInputError(f"{name}: quantization {method!r} is not one compress bench can load (float, gptq, bitsandbytes, onnx)")
+    if folder is not None and kind != "onnx":
+        models.check_model_folder(folder)  # before any artifact is measured: bad weights are named, not measured
     record = read_record(folder) if folder is not None and (folder / RECORD_FILE).is_file() else None
     sha = hash_path(folder) if folder is not None else f"hub:{name}"
     return ArtifactInfo(name=name, label=label or _default_label(name, folder), kind=kind, path=folder, sha256=sha, config=config, record=record)

@@ -206,9 +206,9 @@ def _prune(teacher, train_ids, spec, plan: PrunePlan, *, seed, progress, log) ->
 
 def meta_model(source: str, *, trust_remote_code: bool = False) -> nn.Module:
     """The model's structure on the meta device: enough to plan a prune without loading weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(models.resolve_source(source), trust_remote_code=trust_remote_code)
+    config = models.load_config(source, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -4,6 +4,7 @@ and load it back on any device with a plain-torch layer, including group sizes t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -61,6 +62,36 @@ def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult
         model.generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def check_groups(directory: str | Path, qconfig: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose qweight/scales/g_idx contradict its quantization_config (bits, group_size),
+    naming the layer: loading would work and every later record (an export's compress.json) would be wrong."""
+    from compress.models import QuantizationConfigError
+
+    config_file = Path(directory) / "config.json"
+    bits, group = int(qconfig.get("bits") or 0), int(qconfig.get("group_size") or -1)
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}):
+        absent = [s for s in SUFFIXES if f"{name}.{s}" not in tensors]
+        if absent:
+            raise QuantizationConfigError(f"{directory}: GPTQ layer {name} has no {', '.join(absent)}; re-create the GPTQ folder")
+        rows, g_idx, n_groups = tensors[f"{name}.qweight"].shape[0], tensors[f"{name}.g_idx"].long(), tensors[f"{name}.scales"].shape[0]
+        in_features = g_idx.numel()
+        if rows * 32 != in_features * bits:
+            raise QuantizationConfigError(
+                f"{directory}: layer {name} packs {in_features} input features into {rows} int32 rows ({rows * 32 / in_features:g} bits), "
+                f"but {config_file} has quantization_config.bits {bits}; fix bits in config.json or re-quantize the float model"
+            )
+        if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise QuantizationConfigError(f"{directory}: layer {name}: g_idx names groups outside its {n_groups} rows of scales; the folder is corrupt, re-create it")
+        implied = -1 if n_groups == 1 else int(torch.bincount(g_idx, minlength=n_groups).max())
+        expected = 1 if group == -1 else -(-in_features // group)
+        if expected != n_groups or (n_groups > 1 and implied != group):
+            raise QuantizationConfigError(
+                f"{directory}: layer {name} has {n_groups} group{'s' if n_groups > 1 else ''} of scales over {in_features} input features: "
+                f"its scales and g_idx imply group size {implied}, but {config_file} has quantization_config.group_size {group}. "
+                f"Set group_size to {implied} in config.json if the weights are right, or re-quantize the float model"
+            )
 
 
 class GPTQLinear(nn.Module):
@@ -125,6 +156,7 @@ def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cach
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
+    check_groups(directory, qconfig, tensors)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     bits = int(qconfig["bits"])
     conv1d = _conv1d_type()
