@@ -184,6 +184,24 @@ def read_config_json(folder: str | Path) -> dict:
         raise ModelSourceError(f"{path} is not readable JSON ({err}); fix it or re-create the model folder") from None
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def check_tokenizer_files(folder: str | Path) -> None:
+    """The folder's tokenizer and generation JSON files parse (a damaged tokenizer.json otherwise surfaces as a
+    UnicodeDecodeError or a tokenizers panic deep inside transformers)."""
+    import json
+
+    for name in TOKENIZER_JSON_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelSourceError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-create the model folder (rerun the command that wrote it) or copy that file again") from None
+
+
 def check_remote_code(folder: str | Path, config: dict, *, trust_remote_code: bool = False) -> None:
     """Refuse a model whose architecture transformers does not know, before transformers asks (or prompts)."""
     import transformers
@@ -216,6 +234,7 @@ def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False, w
     folder = Path(folder)
     config = read_config_json(folder)
     check_remote_code(folder, config, trust_remote_code=trust_remote_code)
+    check_tokenizer_files(folder)
     if not weights:
         return
     files = sorted(folder.glob("*.safetensors"))

@@ -158,9 +158,7 @@ def _check_models(recipe: Recipe) -> list[str]:
 
     t = recipe.teacher
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(models.resolve_source(t.model), revision=t.revision, trust_remote_code=t.trust_remote_code)
+        config = models.load_config(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
         layer_layout(config)
     except CompressError as err:
         return [f"teacher.model: {err}"]

@@ -155,3 +155,27 @@ def test_a_non_finite_distill_teacher_is_named(good, tmp_path, text_files, capsy
     assert main(["distill", str(recipe), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "model.embed_tokens.weight" in err and "non-finite" in err
+
+
+@pytest.mark.parametrize("command", ["quantize", "export", "bench"])
+def test_a_damaged_tokenizer_file_is_named(command, good, tmp_path, text_files, capsys):
+    """Found by benchmarks/fuzz.py: bytes flipped in tokenizer.json surfaced as a UnicodeDecodeError traceback."""
+    bad = _copy(good, tmp_path)
+    tok = bad / "tokenizer.json"
+    data = bytearray(tok.read_bytes())
+    data[len(data) // 2] = 0xFF  # not UTF-8
+    tok.write_bytes(bytes(data))
+    _, err = _cli(command, bad, tmp_path, text_files, capsys)
+    assert f"{tok} is not readable JSON" in err and "truncated or corrupt" in err
+
+
+def test_run_with_a_teacher_that_needs_remote_code_is_a_named_problem(good, tmp_path, text_files, capsys):
+    import yaml
+
+    bad = _remote(good, tmp_path)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, bad, text_files)))
+    code = main(["run", str(recipe), "--dry-run"])
+    captured = capsys.readouterr()
+    assert code != 0 and "Traceback" not in captured.out + captured.err
+    assert "teacher.model" in captured.err and f"{bad} needs its own Python code" in captured.err
