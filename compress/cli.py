@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--recipe", help="recipe whose quantize (and data) sections to use")
     quantize.add_argument("--method", choices=["gptq", "rtn", "bnb-nf4", "bnb-fp4", "bnb-int8"])
     quantize.add_argument("--bits", type=int, choices=[2, 3, 4, 8])
-    quantize.add_argument("--group-size", type=int, help="columns per scale/zero group; -1 = per row")
+    quantize.add_argument("--group-size", type=_group_size, help="columns per scale/zero group; -1 = per row; auto (default) = the largest of 128/64/32/16 dividing every quantized width")
     quantize.add_argument("--calib", help="calibration text (.txt/.jsonl/folder); default: the recipe's data.train")
     quantize.add_argument("--samples", type=int, help="calibration sequences")
     quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ desc_act")
@@ -241,6 +241,15 @@ INTERRUPTED = {
 }
 
 COMMANDS = {"distill": _distill, "prune": _prune, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
+
+
+def _group_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

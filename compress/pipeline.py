@@ -82,7 +82,7 @@ def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
                 problems.append(f"quantize.bits {q.bits} cannot be exported: ONNX MatMulNBits carries 4- and 8-bit {q.method} weights; use bits 4 or 8, or drop export:")
             elif e.weights != wanted:
                 problems.append(f"export.weights {e.weights} does not match quantize.bits {q.bits}: a {q.bits}-bit {q.method} model exports as {wanted} (its own codes, no re-rounding); set export.weights: {wanted}")
-            if q.group_size != -1 and q.group_size % 16:
+            if q.group_size not in (-1, "auto") and q.group_size % 16:
                 problems.append(f"quantize.group_size {q.group_size} cannot be carried by MatMulNBits (blocks of 16/32/64/128 columns); use -1 or a multiple of 16")
     if recipe.student.config and "vocab_size" in recipe.student.config:
         problems.append("student.config.vocab_size: the student must keep the teacher's vocabulary (distillation compares distributions token by token)")

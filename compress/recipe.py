@@ -172,9 +172,11 @@ class CalibSpec(Spec):
     seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
 
 
-def _check_group_size(value: int) -> int:
+def _check_group_size(value: int | str) -> int | str:
+    if value == "auto":
+        return value
     if value == 0 or value < -1:
-        raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+        raise ValueError("group_size must be auto, -1 (one group per row) or a positive number of columns")
     return value
 
 
@@ -185,7 +187,7 @@ class _QuantBase(Spec):
 
 class _IntQuantSpec(_QuantBase):
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
-    group_size: int = Field(128, description="Input columns sharing one scale/zero; -1 = one group per output row.")
+    group_size: int | Literal["auto"] = Field("auto", description="Input columns sharing one scale/zero; -1 = one group per output row; auto = the largest of 128/64/32/16 that divides every quantized layer's input width (the GPTQ kernels of GPTQModel, transformers and vLLM refuse groups that do not).")
     sym: StrictBool = Field(True, description="Symmetric grid (zero point fixed at the middle) instead of asymmetric.")
 
     @model_validator(mode="after")

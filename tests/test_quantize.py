@@ -155,3 +155,46 @@ def test_gptq_options_quantize_and_are_recorded(tmp_path, wide_llama, text_files
     for key, value in settings.items():
         assert meta[key] == value
     assert result.metrics["ppl_increase"] < 0.3
+
+
+@pytest.fixture(scope="module")
+def width_96(tmp_path_factory, tokenizer_dir):
+    """Input widths 96 (attention, gate/up) and 192 (down): 128 and 64 divide neither/one, 32 divides both."""
+    from conftest import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("w96") / "llama", "llama", tokenizer_dir, layers=1, hidden_size=96, intermediate_size=192, num_attention_heads=6)
+
+
+def _stored_group(artifact):
+    config = json.loads((artifact / "config.json").read_text())["quantization_config"]
+    with safe_open(str(artifact / "model.safetensors"), "pt") as fh:
+        scales = fh.get_slice("model.layers.0.self_attn.q_proj.scales").get_shape()
+    return config["group_size"], scales[0]
+
+
+def test_auto_group_size_divides_every_quantized_width(tmp_path, width_96, text_files, capsys):
+    recipe = make_recipe(tmp_path, text_files, method="rtn", group_size="auto")
+    result = run_quantize(recipe, str(width_96), tmp_path / "q", progress=False)
+    assert _stored_group(result.artifact) == (32, 96 // 32)  # 64 leaves a partial group of 32 on the width-96 layers
+    assert "warning" not in capsys.readouterr().out
+    from compress.recipe import GPTQSpec
+
+    assert GPTQSpec(method="gptq").group_size == "auto"
+
+
+def test_an_explicit_group_size_that_leaves_partial_groups_is_kept_with_a_warning(tmp_path, width_96, text_files, capsys):
+    recipe = make_recipe(tmp_path, text_files, method="rtn", group_size=64)
+    result = run_quantize(recipe, str(width_96), tmp_path / "q", progress=False)
+    assert _stored_group(result.artifact) == (64, 2)  # ceil(96 / 64): the last group holds 32 columns
+    out = capsys.readouterr().out
+    assert "quantize.group_size=64 does not divide the input width of" in out and "model.layers.0.self_attn.q_proj" in out
+    assert "widths 96" in out and "vLLM" in out and "GPTQModel" in out and "group_size 32 (or auto) fits every layer" in out
+
+
+def test_cli_group_size_accepts_auto(tmp_path, width_96, text_files):
+    from compress.cli import main
+
+    code = main(["quantize", str(width_96), "--method", "rtn", "--bits", "4", "--group-size", "auto", "--output", str(tmp_path / "q"), "--no-progress",
+                 "--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=256", "--set", f"data.cache_dir={tmp_path / 'c'}"])
+    assert code == 0
+    assert _stored_group(tmp_path / "q") == (32, 3)

@@ -137,7 +137,7 @@ def test_quantize_section_is_a_tagged_union(tmp_path):
         load_recipe(None, ["quantize.method=zzz"])
     with pytest.raises(RecipeError, match=r"quantize.gptq.bits: Input should be 2, 3, 4 or 8"):
         load_recipe(None, ["quantize.method=gptq", "quantize.bits=5"])
-    with pytest.raises(RecipeError, match=r"group_size must be -1"):
+    with pytest.raises(RecipeError, match=r"group_size must be auto, -1"):
         load_recipe(None, ["quantize.method=gptq", "quantize.group_size=0"])
     with pytest.raises(RecipeError, match=r"quantize.gptq.damp: Input should be greater than 0"):
         load_recipe(None, ["quantize.method=gptq", "quantize.damp=0"])

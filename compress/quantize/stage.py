@@ -57,9 +57,35 @@ def check_packable(model, spec) -> dict:
         rows, cols = linear_weight(module).shape
         if rows % per_word or (cols * spec.bits) % 32:
             raise QuantizeError(f"{name} ({rows}x{cols}) cannot be packed at {spec.bits} bits: output features must be a multiple of {per_word} and input features x bits a multiple of 32")
-        if spec.group_size > cols:
+        if spec.group_size != "auto" and spec.group_size > cols:
             raise QuantizeError(f"quantize.group_size={spec.group_size} exceeds the {cols} input features of {name}")
     return linears
+
+
+AUTO_GROUP_SIZES = (128, 64, 32, 16)
+# Where a group that does not divide a layer's input width is refused (read from their kernels' checks).
+STRICT_LOADERS = ("GPTQModel and transformers with their default CPU kernel (torch int4pack: K divisible by the group size)", "vLLM's GPTQ/Marlin kernels")
+
+
+def resolve_group_size(spec, linears: dict, log=print) -> int:
+    """`group_size: auto`: the largest of AUTO_GROUP_SIZES that divides every quantized input width (-1 when
+    none does). An explicit size is kept; one that leaves a partial last group is warned about, naming the
+    layers and the loaders that refuse them."""
+    widths = {name: linear_weight(m).shape[1] for name, m in linears.items()}
+    if spec.group_size == "auto":
+        return next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
+    if spec.group_size != -1:
+        partial = sorted({w for w in widths.values() if w % spec.group_size})
+        if partial:
+            names = [n for n, w in widths.items() if w % spec.group_size]
+            fits = next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
+            log(
+                f"warning: quantize.group_size={spec.group_size} does not divide the input width of {len(names)} layers "
+                f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: widths {', '.join(map(str, partial))}); their last group is partial. "
+                f"compress, its ONNX export and GPTQModel's torch backend (backend='gptq_torch', fp16/bf16) load them; "
+                f"{'; '.join(STRICT_LOADERS)} refuse them. group_size {fits} (or auto) fits every layer"
+            )
+    return spec.group_size
 
 
 def calibration_blocks(recipe: Recipe, spec: GPTQSpec, tokenizer) -> tuple[torch.Tensor, str]:
@@ -105,7 +131,8 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     inputs = [describe_input("model", source, models.local_path(source))]
     extra: dict = {}
     if isinstance(spec, (GPTQSpec, RTNSpec)):
-        check_packable(model, spec)
+        linears = check_packable(model, spec)
+        spec = spec.model_copy(update={"group_size": resolve_group_size(spec, linears)})
         calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer) if isinstance(spec, GPTQSpec) else (None, None))
         if calib is not None:
             inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len})
