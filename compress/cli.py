@@ -135,11 +135,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# quantize flags that only some methods take: (flag, its args attribute, the methods that take it, why the others do not)
+_NO_CALIBRATION = "it needs no calibration samples: it rounds each weight on its own"
+_BNB_NO_CALIBRATION = "bitsandbytes quantizes each weight on its own and needs no calibration samples"
+_METHOD_FLAGS = (
+    ("--calib", "calib", ("gptq",), {"rtn": _NO_CALIBRATION, "bnb": _BNB_NO_CALIBRATION}),
+    ("--samples", "samples", ("gptq",), {"rtn": _NO_CALIBRATION, "bnb": _BNB_NO_CALIBRATION}),
+    ("--act-order", "act_order", ("gptq",), {"rtn": "act-order is GPTQ's column order; round-to-nearest has none", "bnb": "act-order is GPTQ's column order; bitsandbytes has none"}),
+    ("--bits", "bits", ("gptq", "rtn"), {"bnb": "the method sets the format (bnb-nf4 and bnb-fp4: 4 bits, bnb-int8: 8 bits)"}),
+    ("--group-size", "group_size", ("gptq", "rtn"), {"bnb": "bitsandbytes uses its own block size"}),
+)
+
+
+def _check_method_flags(args, method: str) -> None:
+    """Refuse, before anything loads, a flag the chosen method does not take, naming the flag and why."""
+    family = "bnb" if method.startswith("bnb-") else method
+    for flag, attr, takes, why in _METHOD_FLAGS:
+        if getattr(args, attr) is not None and method not in takes:
+            for_gptq = " (it is for --method gptq)" if takes == ("gptq",) else ""
+            raise CompressError(f"{flag} does not apply to --method {method}: {why[family]}; drop {flag}{for_gptq}")
+
+
 def _quantize(args) -> int:
     from compress.quantize.stage import describe, run_quantize
 
     flags = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib.source": args.calib, "calib.samples": args.samples, "act_order": args.act_order}
     overrides = [f"quantize.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if any(getattr(args, attr) is not None for _, attr, *_ in _METHOD_FLAGS):
+        # the method in effect (--method, the recipe's, or a --set), from the recipe without the method's own flags
+        quantize = load_recipe(args.recipe, [o for o in overrides if o.startswith("quantize.method=")] + args.overrides).quantize
+        if quantize is not None:
+            _check_method_flags(args, quantize.method)
     recipe = load_recipe(args.recipe, overrides + args.overrides)
     result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress)
     print(describe(result))

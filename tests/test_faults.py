@@ -134,3 +134,76 @@ def test_resume_without_a_complete_checkpoint_says_it_starts_over(tmp_path, teac
     out = capsys.readouterr().out
     assert f"no complete checkpoint in {ckpts}" in out and "step 0" in out
     assert _log_steps(run_dir) == [1, 2, 3, 4]
+
+
+# --- 2. Ctrl-C in a command that has no --resume ----------------------------------------------------------------
+
+
+def _tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
+    return save_tiny(directory, "llama", tokenizer_dir, layers=1)
+
+
+def test_ctrl_c_in_quantize_and_export_names_what_continues_and_leaves_nothing(tmp_path, tokenizer_dir, text_files, capsys, monkeypatch):
+    """A real Ctrl-C inside the stage (while its staging folder exists), not just in the command function."""
+    import compress.artifacts as artifacts
+
+    model = _tiny_model(tmp_path / "m", tokenizer_dir)
+    real = artifacts.write_json_atomic
+
+    def interrupted(path, data):  # the record is the last file written into the staging folder
+        if path.name == artifacts.RECORD_FILE and ".tmp-" in path.parent.name:
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(artifacts, "write_json_atomic", interrupted)
+    data = ["--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=128", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    commands = {
+        "quantize": ["quantize", str(model), "--method", "rtn", "--bits", "8", "--group-size", "32", "--output", str(tmp_path / "q"), "--no-progress", *data],
+        "export": ["export", str(model), "--output", str(tmp_path / "onnx"), "--exporter", "legacy"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert f"compress {name}: interrupted; nothing was written" in err and "rerun the same command" in err
+        assert "--resume" not in err and "Traceback" not in err
+        assert not (tmp_path / argv[argv.index("--output") + 1]).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m"]  # no staging folder left either
+
+
+# --- 5. calibration flags with a method that needs none ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,flags,named", [
+    ("rtn", ["--samples", "4"], "--samples"),
+    ("rtn", ["--calib", "some.txt"], "--calib"),
+    ("rtn", ["--act-order"], "--act-order"),
+    ("bnb-nf4", ["--samples", "4"], "--samples"),
+    ("bnb-int8", ["--bits", "4"], "--bits"),
+    ("bnb-fp4", ["--group-size", "64"], "--group-size"),
+])
+def test_a_flag_the_method_does_not_take_is_named_before_anything_loads(tmp_path, capsys, monkeypatch, method, flags, named):
+    import compress.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the flags were checked"))
+    monkeypatch.setattr(models, "local_path", lambda *a, **k: pytest.fail("model looked up before the flags were checked"))
+    assert main(["quantize", "MODEL", "--method", method, *flags, "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"compress quantize: error: {named} does not apply to --method {method}" in err and "Traceback" not in err
+    assert "unknown key" not in err and "<defaults>" not in err
+    if named in ("--samples", "--calib"):
+        assert "needs no calibration" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_recipes_method_decides_which_flags_apply(tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"quantize": {"method": "rtn", "bits": 4}}))
+    assert main(["quantize", "MODEL", "--recipe", str(recipe), "--samples", "4", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--samples does not apply to --method rtn: it needs no calibration samples" in err and "Traceback" not in err
+    # --set picks the method last: gptq takes --samples (the run then fails later, on the missing model, by name)
+    assert main(["quantize", str(tmp_path / "no-model"), "--recipe", str(recipe), "--set", "quantize.method=gptq", "--samples", "4", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not apply" not in err and "no-model" in err
