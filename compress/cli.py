@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure every artifact on the same held-out windows and prompts: perplexity, KL(teacher||model) "
         "and top-1 agreement (teacher from --teacher or the artifacts' lineage), prefill latency, decode tokens/s, "
         "peak memory, parameters and size. Writes results.json, report.md and PNG plots into --output; rerunning "
-        "into the same folder reuses finished measurements (keyed by content hash and settings).",
+        "into the same folder reuses finished measurements (keyed by content hash and settings). Exit status 3 (the files "
+        "written, the numbers null and flagged) when a measured number is NaN or inf; 2 for a bad input, before anything is written.",
         epilog="examples:\n  compress bench builtin:smollm2-135m runs/quickstart/student runs/quickstart/gptq runs/quickstart/onnx-int4 --output runs/bench\n"
         "  compress bench runs/quickstart/student --set bench.batch_sizes=[1] --set bench.repeats=3\n\n" + _keys_help("bench"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -229,7 +230,22 @@ def _run(args) -> int:
         print(result.report)
     for outcome in result.outcomes:
         print(f"{outcome.stage:>8}: {outcome.artifact}" + (" (up to date, skipped)" if outcome.skipped else f" ({outcome.seconds:.0f} s)"))
+    bench = next((o.artifact for o in result.outcomes if o.stage == "bench"), None)
+    results = Path(bench) / "results.json" if bench else None
+    if results is not None and results.is_file():
+        bad = {a["label"]: a.get("non_finite") for a in json.loads(results.read_text()).get("artifacts", []) if a.get("non_finite")}
+        if bad:
+            print(f"compress run: error: {_non_finite(bad, results)}", file=sys.stderr)
+            return NON_FINITE_EXIT
     return 0
+
+
+NON_FINITE_EXIT = 3  # compress bench finished, wrote its files, and some measured numbers are NaN/inf
+
+
+def _non_finite(flagged: dict[str, list[str]], results: Path) -> str:
+    listed = "; ".join(f"{label} ({', '.join(metrics)})" for label, metrics in flagged.items())
+    return f"non-finite results for {listed}: written as null in {results} and flagged in artifacts[].non_finite"
 
 
 def _bench(args) -> int:
@@ -247,6 +263,9 @@ def _bench(args) -> int:
     )
     print(result.markdown)
     print(f"wrote {result.output / 'results.json'}, {result.output / 'report.md'}" + "".join(f", {result.output / p}" for p in result.results["plots"]))
+    if result.non_finite:  # the files are written, but a number that is not a number is no result
+        print(f"compress bench: error: {_non_finite(result.non_finite, result.output / 'results.json')}", file=sys.stderr)
+        return NON_FINITE_EXIT
     return 0
 
 

@@ -155,7 +155,10 @@ def test_ctrl_c_in_quantize_and_export_names_what_continues_and_leaves_nothing(t
             raise KeyboardInterrupt
         return real(path, data)
 
-    monkeypatch.setattr(artifacts, "write_json_atomic", interrupted)
+    import compress.quantize.stage as quantize_stage
+
+    monkeypatch.setattr(artifacts, "write_json_atomic", interrupted)  # export imports it when it runs
+    monkeypatch.setattr(quantize_stage, "write_json_atomic", interrupted)
     data = ["--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=128", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     commands = {
         "quantize": ["quantize", str(model), "--method", "rtn", "--bits", "8", "--group-size", "32", "--output", str(tmp_path / "q"), "--no-progress", *data],
@@ -207,3 +210,145 @@ def test_the_recipes_method_decides_which_flags_apply(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "no-model"), "--recipe", str(recipe), "--set", "quantize.method=gptq", "--samples", "4", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "does not apply" not in err and "no-model" in err
+
+
+# --- 3. an ONNX folder ONNX Runtime refuses ---------------------------------------------------------------------
+
+BENCH_SETS = ["--set", "bench.seq_len=32", "--set", "bench.max_eval_tokens=128", "--set", "bench.prompt_lengths=[8]", "--set", "bench.new_tokens=2",
+              "--set", "bench.decode_prompt=8", "--set", "bench.batch_sizes=[1]", "--set", "bench.repeats=1", "--set", "bench.threads=1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory, tokenizer_dir):
+    from compress_exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("faults-onnx")
+    model = save_tiny(root / "float", "llama", tokenizer_dir, layers=1)
+    return {"float": model, "onnx": export_onnx(model, root / "onnx", exporter="legacy").artifact}
+
+
+def _damaged(onnx_dir: Path, where: Path, how: str) -> Path:
+    broken = shutil.copytree(onnx_dir, where)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(b"these are not the bytes of a model" if how == "garbage" else data[: len(data) // 2])
+    return broken
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_runtime_names_the_file_onnx_runtime_refuses(tmp_path, onnx_export, how):
+    from compress_exporters.runtime import OnnxCausalLM, RuntimeLoadError
+
+    broken = _damaged(onnx_export["onnx"], tmp_path / "broken", how)
+    with pytest.raises(RuntimeLoadError) as caught:
+        OnnxCausalLM.from_dir(broken)
+    message = str(caught.value)
+    assert str(broken / "model.onnx") in message and "Protobuf parsing failed" in message
+    assert "[ONNXRuntimeError]" not in message and "\n" not in message and "compress export" in message
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("quality", [True, False])
+def test_bench_on_a_damaged_onnx_folder_exits_non_zero_and_writes_nothing(tmp_path, onnx_export, text_files, capsys, quality):
+    broken = _damaged(onnx_export["onnx"], tmp_path / "broken", "truncated")
+    argv = ["bench", str(onnx_export["float"]), str(broken), "--data", str(text_files["eval"]), *BENCH_SETS, "--set", f"bench.quality={json.dumps(quality)}", "--set", "bench.plots=false"]
+    assert main([*argv, "--output", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert f"compress bench: error: ONNX Runtime cannot load {broken / 'model.onnx'}: INVALID_PROTOBUF" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # no empty report folder
+
+    old = tmp_path / "old"  # an earlier report: left as it was
+    old.mkdir()
+    (old / "results.json").write_text('{"format_version": 1}\n')
+    (old / ".measurements.json").write_text("{}\n")
+    before = _snapshot(old)
+    assert main([*argv, "--output", str(old)]) == 2
+    assert "ONNX Runtime cannot load" in capsys.readouterr().err
+    assert _snapshot(old) == before
+
+
+def test_bench_names_a_damaged_safetensors_file_before_writing(tmp_path, onnx_export, text_files, capsys):
+    broken = shutil.copytree(onnx_export["float"], tmp_path / "cut")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    assert main(["bench", str(broken), "--data", str(text_files["eval"]), *BENCH_SETS, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'model.safetensors'} is not a readable safetensors file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# --- 4. non-finite bench results --------------------------------------------------------------------------------
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_results_are_valid_json_flagged_and_fail_the_command(tmp_path, tokenizer_dir, text_files, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = save_tiny(tmp_path / "good", "llama", tokenizer_dir, layers=1, train_steps=5)
+    nan = shutil.copytree(good, tmp_path / "nan")
+    weights = load_file(nan / "model.safetensors")
+    name = next(k for k in weights if k.endswith("down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, nan / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "bench"
+    argv = ["bench", str(good), str(nan), "--teacher", str(good), "--data", str(text_files["eval"]), *BENCH_SETS, "--set", "bench.speed=false", "--output", str(out)]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert "Traceback" not in captured.err
+    assert "warning: nan: non-finite quality.ppl" in captured.out  # said as it is found
+    assert "compress bench: error: non-finite results for nan (quality.ppl, " in captured.err and str(out / "results.json") in captured.err
+
+    results = _strict_json((out / "results.json").read_text())
+    _strict_json((out / ".measurements.json").read_text())
+    rows = {a["label"]: a for a in results["artifacts"]}
+    assert rows["nan"]["quality"]["ppl"] is None and rows["nan"]["quality"]["kl_per_token"] is None
+    assert {"quality.ppl", "quality.nll_per_token", "quality.kl_per_token"} <= set(rows["nan"]["non_finite"])
+    assert rows["good"]["non_finite"] == [] and rows["good"]["quality"]["ppl"] > 1
+    report = (out / "report.md").read_text()
+    assert "| `nan` (non-finite) |" in report and "non-finite" in report.split("| `nan`")[1].splitlines()[0].split("|")[4]
+    assert "Non-finite" in report
+
+    # rerun: the stored measurement is reused, still flagged, still an error
+    assert main(argv) == 3
+    assert "non-finite results for nan" in capsys.readouterr().err
+
+
+def test_a_speed_child_that_meets_a_damaged_artifact_reports_one_line(tmp_path, onnx_export):
+    from compress.bench.speed import SpeedMeasurementError, measure_in_subprocess
+    from compress.bench.subjects import inspect_artifact
+
+    info = inspect_artifact(str(onnx_export["onnx"]), "onnx")
+    _damaged(onnx_export["onnx"], tmp_path / "broken", "garbage")
+    info = type(info)(**{**info.__dict__, "path": tmp_path / "broken"})  # damaged after the check before measuring
+    prompts = {"prefill": {8: list(range(8))}, "decode": [list(range(8))]}
+    spec = {"warmup": 0, "repeats": 1, "new_tokens": 2, "batch_sizes": [1], "threads": 1}
+    with pytest.raises(SpeedMeasurementError) as caught:
+        measure_in_subprocess(info, prompts, spec, "cpu")
+    message = str(caught.value)
+    assert message.startswith("speed measurement of onnx") and f"ONNX Runtime cannot load {tmp_path / 'broken' / 'model.onnx'}" in message
+    assert "Traceback" not in message and "\n" not in message
+
+
+def test_compress_run_fails_when_its_bench_has_non_finite_results(tmp_path, capsys, monkeypatch):
+    import compress.pipeline as pipeline
+
+    bench = tmp_path / "run" / "bench"
+    bench.mkdir(parents=True)
+    (bench / "results.json").write_text(json.dumps({"artifacts": [{"label": "student", "non_finite": []}, {"label": "gptq-4bit", "non_finite": ["quality.ppl"]}]}))
+    done = pipeline.RunResult(run_dir=tmp_path / "run", outcomes=[pipeline.StageOutcome("bench", bench, skipped=False, seconds=1.0)], report="| table |")
+    monkeypatch.setattr(pipeline, "run_recipe", lambda *a, **k: done)
+    assert main(["run", "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "compress run: error: non-finite results for gptq-4bit (quality.ppl)" in err and str(bench / "results.json") in err
+    (bench / "results.json").write_text(json.dumps({"artifacts": [{"label": "student", "non_finite": []}]}))
+    assert main(["run", "--no-progress"]) == 0
