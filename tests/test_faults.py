@@ -105,6 +105,8 @@ def test_resume_skips_an_incomplete_checkpoint_and_clears_what_a_kill_left(tmp_p
     (run_dir / "train_log.jsonl").write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])  # and mid-way through step 8's line
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
     (ckpts / "step-00000006" / "optimizer.pt").unlink()  # a checkpoint folder missing a file
+    weights = (ckpts / "step-00000004" / "model.safetensors").read_bytes()
+    (ckpts / "step-00000004" / "model.safetensors").write_bytes(weights[:-100])  # and one whose weights a disk cut short
     live = ckpts / staging_name(ckpts / "step-00000008")  # another process's checkpoint being written: not ours to remove
     dead = ckpts / live.name.replace(f"-{os.getpid()}@", f"-{dead_pid()}@")
     for folder in (live, dead):
@@ -113,8 +115,9 @@ def test_resume_skips_an_incomplete_checkpoint_and_clears_what_a_kill_left(tmp_p
 
     assert main(["distill", str(recipe), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"resuming from step 4: {ckpts / 'step-00000004'}" in out
-    assert "step-00000006" in out and "optimizer.pt" in out  # says why the newer one was not used
+    assert f"resuming from step 2: {ckpts / 'step-00000002'}" in out
+    assert f"removed the incomplete checkpoint {ckpts / 'step-00000006'} (missing optimizer.pt)" in out  # says why the newer ones were not used
+    assert f"cannot read the checkpoint {ckpts / 'step-00000004'} (" in out
     assert _log_steps(run_dir) == list(range(1, 9))
     assert not dead.exists() and live.is_dir()
     assert (ckpts / "step-00000006" / "optimizer.pt").is_file()  # written again, complete

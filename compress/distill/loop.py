@@ -317,7 +317,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
             raise
         except Exception as err:  # a file a crash or the disk left unreadable: the one before is complete
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            notes.append(f"cannot read the checkpoint {candidate} ({reason}); using the one before")
+            notes.append(f"cannot read the checkpoint {candidate} ({reason}); skipped it")
             continue
         step, history, last = state["step"], state.get("history", []), candidate
         break
