@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure every artifact on the same held-out windows and prompts: perplexity, KL(teacher||model) "
         "and top-1 agreement (teacher from --teacher or the artifacts' lineage), prefill latency, decode tokens/s, "
         "peak memory, parameters and size. Writes results.json, report.md and PNG plots into --output; rerunning "
-        "into the same folder reuses finished measurements (keyed by content hash and settings).",
+        "into the same folder reuses finished measurements (keyed by content hash and settings). Exit status 3 (the files "
+        "written, the numbers null and flagged) when a measured number is NaN or inf; 2 for a bad input, before anything is written.",
         epilog="examples:\n  compress bench builtin:smollm2-135m runs/quickstart/student runs/quickstart/gptq runs/quickstart/onnx-int4 --output runs/bench\n"
         "  compress bench runs/quickstart/student --set bench.batch_sizes=[1] --set bench.repeats=3\n\n" + _keys_help("bench"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,11 +136,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# quantize flags that only some methods take: (flag, its args attribute, the methods that take it, why the others do not)
+_NO_CALIBRATION = "it needs no calibration samples: it rounds each weight on its own"
+_BNB_NO_CALIBRATION = "bitsandbytes quantizes each weight on its own and needs no calibration samples"
+_METHOD_FLAGS = (
+    ("--calib", "calib", ("gptq",), {"rtn": _NO_CALIBRATION, "bnb": _BNB_NO_CALIBRATION}),
+    ("--samples", "samples", ("gptq",), {"rtn": _NO_CALIBRATION, "bnb": _BNB_NO_CALIBRATION}),
+    ("--act-order", "act_order", ("gptq",), {"rtn": "act-order is GPTQ's column order; round-to-nearest has none", "bnb": "act-order is GPTQ's column order; bitsandbytes has none"}),
+    ("--bits", "bits", ("gptq", "rtn"), {"bnb": "the method sets the format (bnb-nf4 and bnb-fp4: 4 bits, bnb-int8: 8 bits)"}),
+    ("--group-size", "group_size", ("gptq", "rtn"), {"bnb": "bitsandbytes uses its own block size"}),
+)
+
+
+def _check_method_flags(args, method: str) -> None:
+    """Refuse, before anything loads, a flag the chosen method does not take, naming the flag and why."""
+    family = "bnb" if method.startswith("bnb-") else method
+    for flag, attr, takes, why in _METHOD_FLAGS:
+        if getattr(args, attr) is not None and method not in takes:
+            for_gptq = " (it is for --method gptq)" if takes == ("gptq",) else ""
+            raise CompressError(f"{flag} does not apply to --method {method}: {why[family]}; drop {flag}{for_gptq}")
+
+
 def _quantize(args) -> int:
     from compress.quantize.stage import describe, run_quantize
 
     flags = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib.source": args.calib, "calib.samples": args.samples, "act_order": args.act_order}
     overrides = [f"quantize.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if any(getattr(args, attr) is not None for _, attr, *_ in _METHOD_FLAGS):
+        # the method in effect (--method, the recipe's, or a --set), from the recipe without the method's own flags
+        quantize = load_recipe(args.recipe, [o for o in overrides if o.startswith("quantize.method=")] + args.overrides).quantize
+        if quantize is not None:
+            _check_method_flags(args, quantize.method)
     recipe = load_recipe(args.recipe, overrides + args.overrides)
     result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress)
     print(describe(result))
@@ -203,7 +230,22 @@ def _run(args) -> int:
         print(result.report)
     for outcome in result.outcomes:
         print(f"{outcome.stage:>8}: {outcome.artifact}" + (" (up to date, skipped)" if outcome.skipped else f" ({outcome.seconds:.0f} s)"))
+    bench = next((o.artifact for o in result.outcomes if o.stage == "bench"), None)
+    results = Path(bench) / "results.json" if bench else None
+    if results is not None and results.is_file():
+        bad = {a["label"]: a.get("non_finite") for a in json.loads(results.read_text()).get("artifacts", []) if a.get("non_finite")}
+        if bad:
+            print(f"compress run: error: {_non_finite(bad, results)}", file=sys.stderr)
+            return NON_FINITE_EXIT
     return 0
+
+
+NON_FINITE_EXIT = 3  # compress bench finished, wrote its files, and some measured numbers are NaN/inf
+
+
+def _non_finite(flagged: dict[str, list[str]], results: Path) -> str:
+    listed = "; ".join(f"{label} ({', '.join(metrics)})" for label, metrics in flagged.items())
+    return f"non-finite results for {listed}: written as null in {results} and flagged in artifacts[].non_finite"
 
 
 def _bench(args) -> int:
@@ -221,6 +263,9 @@ def _bench(args) -> int:
     )
     print(result.markdown)
     print(f"wrote {result.output / 'results.json'}, {result.output / 'report.md'}" + "".join(f", {result.output / p}" for p in result.results["plots"]))
+    if result.non_finite:  # the files are written, but a number that is not a number is no result
+        print(f"compress bench: error: {_non_finite(result.non_finite, result.output / 'results.json')}", file=sys.stderr)
+        return NON_FINITE_EXIT
     return 0
 
 

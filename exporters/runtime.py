@@ -14,6 +14,7 @@ OrtValues, never copied through numpy.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -69,7 +70,13 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             f"ONNX Runtime here offers {available}, not {missing}; for CUDA install onnxruntime-gpu "
             "(pip install 'compress-llm[onnx-gpu]', after uninstalling onnxruntime) with its CUDA and cuDNN libraries"
         )
-    session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin), providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin), providers=providers)
+    except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception only
+        raise RuntimeLoadError(
+            f"ONNX Runtime cannot load {path}: {_reason(err)}. The file is damaged or not an ONNX model "
+            "(a copy cut short, or overwritten): export it again with `compress export`"
+        ) from None
     lost = [p for p in wanted if p not in session.get_providers()]
     if lost:
         raise ProviderUnavailableError(
@@ -77,6 +84,13 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             "(for CUDA: check that the CUDA and cuDNN versions onnxruntime-gpu was built for are installed)"
         )
     return session
+
+
+def _reason(err: BaseException) -> str:
+    """ONNX Runtime's message on one line, without its "[ONNXRuntimeError] : 7 :" prefix."""
+    lines = str(err).strip().splitlines()
+    line = lines[0].strip() if lines else type(err).__name__
+    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", line)
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,10 @@ class OnnxCausalLM:
             raise RuntimeLoadError(f"{directory}: no {TOKENIZER_FILE} (a fast tokenizer); re-export from a model with a fast tokenizer")
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise RuntimeLoadError(f"{directory / TOKENIZER_FILE} is not a readable tokenizer ({_reason(err)}); re-export the folder with `compress export`") from None
         eos, context = _read_eos_and_context(directory)
         return cls(create_session(model, providers, threads, spin), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
 

@@ -189,11 +189,13 @@ def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path,
 
     from compress.bench.speed import SpeedMeasurementError
 
-    broken = tmp_path / "broken-onnx"
-    shutil.copytree(zoo["onnx"], broken)
-    (broken / "model.onnx").write_bytes(b"not a model")
+    # weights that open (so the check before measuring passes) but do not fit the config: loading fails in the child
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(zoo["student"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
     spec = BenchSpec(**{**SPEC, "quality": False, "batch_sizes": [1], "repeats": 1})
     out = tmp_path / "out"
-    with pytest.raises(SpeedMeasurementError, match="broken-onnx"):
+    with pytest.raises(SpeedMeasurementError, match="broken-weights"):
         run_bench(spec, [str(zoo["student"]), str(broken)], out, eval_default=str(text_files["eval"]), progress=False, log=lambda _: None)
     assert len(json.loads((out / MEASUREMENTS_FILE).read_text())) == 1  # the student's speed is kept for the rerun

@@ -21,6 +21,14 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _cell(entry: dict, section: str, key: str, spec: str = ".2f", scale: float = 1.0, suffix: str = "") -> str:
+    """A metric's cell: `non-finite` where the measurement was NaN/inf (null in results.json)."""
+    if f"{section}.{key}" in entry.get("non_finite", ()):
+        return "non-finite"
+    value = _get(entry, section, key)
+    return _fmt(value if value is None else scale * value, spec, suffix)
+
+
 def _ratio(value, base) -> str:
     return "" if value is None or not base else f" ({value / base:.2f}x)"
 
@@ -43,12 +51,12 @@ def render_markdown(results: dict) -> str:
     rows = []
     for a in artifacts:
         size = a.get("size_bytes")
-        cells = [f"`{a['label']}`", a["kind"], _fmt(a.get("parameters") and a["parameters"] / 1e6, ".1f"),
+        label = f"`{a['label']}`" + (" (non-finite)" if a.get("non_finite") else "")
+        cells = [label, a["kind"], _fmt(a.get("parameters") and a["parameters"] / 1e6, ".1f"),
                  _fmt(size and size / 2**20, ".1f") + _ratio(size, base.get("size_bytes")),
-                 _fmt(_get(a, "quality", "ppl")) + _ratio(_get(a, "quality", "ppl"), _get(base, "quality", "ppl"))]
+                 _cell(a, "quality", "ppl") + _ratio(_get(a, "quality", "ppl"), _get(base, "quality", "ppl"))]
         if settings.get("teacher"):
-            top1 = _get(a, "quality", "top1_agreement")
-            cells += [_fmt(_get(a, "quality", "kl_per_token"), ".4f"), _fmt(top1 and 100 * top1, ".1f", "%")]
+            cells += [_cell(a, "quality", "kl_per_token", ".4f"), _cell(a, "quality", "top1_agreement", ".1f", 100, "%")]
         for n in lengths:
             median, p90 = _get(a, "speed", "prefill", n, "median_s"), _get(a, "speed", "prefill", n, "p90_s")
             cells.append("–" if median is None else f"{1000 * median:.0f} (p90 {1000 * p90:.0f})")
@@ -72,6 +80,10 @@ def render_markdown(results: dict) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    flagged = [a for a in artifacts if a.get("non_finite")]
+    if flagged:
+        lines += ["", "**Non-finite results** (NaN or inf, null in results.json; the model's outputs are not numbers): "
+                  + "; ".join(f"`{a['label']}`: {', '.join(a['non_finite'])}" for a in flagged) + "."]
     plots = [name for name in PLOTS if name in results.get("plots", [])]
     if plots:
         lines += [""] + [f"![{name}]({name})" for name in plots]

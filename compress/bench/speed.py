@@ -117,9 +117,15 @@ def measure_in_subprocess(info, prompts: dict, spec: dict, device: str, on_line:
                 on_line(line.rstrip())
             proc.wait()
         if proc.returncode != 0 or not out.is_file():
-            tail = "\n".join(err.read_text().strip().splitlines()[-15:])
+            lines = err.read_text().strip().splitlines()
+            if proc.returncode == CHILD_ERROR and lines and lines[-1].startswith(CHILD_PREFIX):  # the child's own one-line error
+                raise SpeedMeasurementError(f"speed measurement of {info.label} ({info.name}) failed: {lines[-1][len(CHILD_PREFIX):]}")
+            tail = "\n".join(lines[-15:])
             raise SpeedMeasurementError(f"speed measurement of {info.label} ({info.name}) failed (exit {proc.returncode}):\n{tail}")
         return json.loads(out.read_text())
+
+
+CHILD_ERROR, CHILD_PREFIX = 3, "compress bench speed: error: "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("request")
     parser.add_argument("output")
     args = parser.parse_args(argv)
-    result = _worker(json.loads(Path(args.request).read_text()))
+    try:
+        result = _worker(json.loads(Path(args.request).read_text()))
+    except CompressError as err:  # an input error: its message, on one line, is what the parent reports
+        print(CHILD_PREFIX + " ".join(str(err).split()), file=sys.stderr, flush=True)
+        return CHILD_ERROR
     Path(args.output).write_text(json.dumps(result))
     return 0
 

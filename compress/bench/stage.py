@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,7 @@ class BenchReport:
     results: dict
     markdown: str
     measured: tuple[str, ...]  # "quality:LABEL" / "speed:LABEL" done in this call (the rest came from earlier runs)
+    non_finite: dict[str, list[str]] = field(default_factory=dict)  # label -> metrics that were NaN/inf (null in results.json)
 
 
 
@@ -48,6 +50,41 @@ def _device(spec: BenchSpec) -> torch.device:
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise BenchInputError("bench.device is cuda but torch sees no CUDA device")
     return torch.device("cuda" if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+NON_FINITE = "non_finite"
+
+
+def finite_only(value, prefix: str = "") -> tuple:
+    """`value` (JSON-able) with every NaN/inf number replaced by None, and the dotted paths of those numbers.
+    (json writes them as bare NaN/Infinity, which is not JSON.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [prefix]
+    if isinstance(value, dict):
+        out, bad = {}, []
+        for key, item in value.items():
+            out[key], found = finite_only(item, f"{prefix}.{key}" if prefix else str(key))
+            bad += found
+        return out, bad
+    if isinstance(value, list):
+        out, bad = [], []
+        for i, item in enumerate(value):
+            clean, found = finite_only(item, f"{prefix}.{i}" if prefix else str(i))
+            out.append(clean)
+            bad += found
+        return out, bad
+    return value, []
+
+
+def _measurement(stored: dict | None) -> tuple[dict | None, list[str]]:
+    """A stored measurement for results.json, and its non-finite metrics (flagged when it was stored, or found now
+    in a store an older version wrote)."""
+    if stored is None:
+        return None, []
+    value = dict(stored)
+    flagged = list(value.pop(NON_FINITE, []))
+    value, found = finite_only(value)
+    return value, flagged + [f for f in found if f not in flagged]
 
 
 def _check_labels(labels: list[str]) -> None:
@@ -70,6 +107,28 @@ def machine_info(device: torch.device, threads: int | None) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def check_loadable(info) -> None:
+    """Refuse, before the report folder is touched, an artifact whose weight files cannot be opened: an ONNX model
+    that ONNX Runtime refuses (its session is created once here, on the CPU), or a safetensors file whose header is
+    damaged or that is cut short (only its header is read)."""
+    if info.path is None:
+        return
+    if info.kind == "onnx":
+        from compress_exporters.runtime import OnnxCausalLM
+
+        OnnxCausalLM.from_dir(info.path, threads=1)  # RuntimeLoadError names the file and ONNX Runtime's reason
+        return
+    from safetensors import safe_open
+
+    for file in sorted(info.path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise BenchInputError(f"{info.label}: {file} is not a readable safetensors file ({reason}); the copy is damaged or cut short: write it again") from None
 
 
 def _versions() -> dict:
@@ -117,10 +176,15 @@ def run_bench(
         from compress_exporters.runtime import _ort
 
         _ort()  # a clear "install onnxruntime" before any measurement
+    for info in infos:
+        check_loadable(info)
     teacher_name = teacher or next((t for t in map(teacher_from_lineage, infos) if t), None)
     teacher_info = None
     if teacher_name and spec.quality:  # an artifact given by the same name is not inspected (hashed) twice
-        teacher_info = next((i for i in infos if i.name == teacher_name), None) or inspect_artifact(teacher_name, "teacher")
+        teacher_info = next((i for i in infos if i.name == teacher_name), None)
+        if teacher_info is None:
+            teacher_info = inspect_artifact(teacher_name, "teacher")
+            check_loadable(teacher_info)
     teacher_label = next((i.label for i in infos if teacher_info and i.sha256 == teacher_info.sha256), None)
     device = _device(spec)
     if spec.threads:
@@ -131,12 +195,18 @@ def run_bench(
     eval_source = spec.eval or eval_default
     windows = packed_blocks(eval_source, tokenizer, seq_len=spec.seq_len, text_field=text_field, max_tokens=spec.max_eval_tokens, cache_dir=cache_dir)
     windows_hash = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    output.mkdir(parents=True, exist_ok=True)
+    # The folder appears with the first finished measurement (write_json_atomic creates it): a run that fails
+    # before that leaves no empty report folder behind, and an existing one untouched.
     store_path = output / MEASUREMENTS_FILE
     store: dict = {} if fresh or not store_path.is_file() else json.loads(store_path.read_text())
     measured: list[str] = []
 
-    def save(key: str, value: dict) -> None:
+    def save(key: str, value: dict, label: str, what: str) -> None:
+        value, bad = finite_only(value)
+        if bad:  # stored as null with the flag, so that a rerun that reuses it reports it again
+            value[NON_FINITE] = bad
+            log(f"warning: {label}: non-finite {', '.join(f'{what}.{b}' for b in bad)} (NaN or inf: written as null in {RESULTS_FILE} and flagged; "
+                "the model's outputs are not numbers, e.g. a NaN or inf weight)")
         store[key] = value
         write_json_atomic(store_path, store)
 
@@ -152,7 +222,7 @@ def run_bench(
             bar.close()
             del subjects, reference
             for label, value in quality.items():
-                save(quality_keys[label], value)
+                save(quality_keys[label], value, label, "quality")
                 measured.append(f"quality:{label}")
 
     prompts = {
@@ -168,9 +238,28 @@ def run_bench(
             start = time.perf_counter()
             value = measure_in_subprocess(info, prompts, spec.model_dump(mode="json"), device.type, on_line=(lambda line: log(f"  {info.label}: {line}")) if progress else (lambda _: None))
             value["wall_s"] = time.perf_counter() - start
-            save(speed_keys[info.label], value)
+            save(speed_keys[info.label], value, info.label, "speed")
             measured.append(f"speed:{info.label}")
 
+    rows, non_finite = [], {}
+    for i in infos:
+        quality, bad_quality = _measurement(store.get(quality_keys[i.label])) if spec.quality else (None, [])
+        speed, bad_speed = _measurement(store.get(speed_keys[i.label])) if spec.speed else (None, [])
+        bad = [f"quality.{b}" for b in bad_quality] + [f"speed.{b}" for b in bad_speed]
+        if bad:
+            non_finite[i.label] = bad
+        rows.append({
+            "label": i.label,
+            "name": i.name,
+            "path": str(i.path) if i.path else None,
+            "kind": i.kind,
+            "sha256": i.sha256,
+            "parameters": count_parameters(i.config),
+            "size_bytes": weight_bytes(i.path),
+            "quality": quality,
+            "speed": speed,
+            NON_FINITE: bad,
+        })
     results = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -183,25 +272,13 @@ def run_bench(
             "eval_tokens": windows.numel(),
             "teacher": teacher_name if teacher_info else None,
         },
-        "artifacts": [
-            {
-                "label": i.label,
-                "name": i.name,
-                "path": str(i.path) if i.path else None,
-                "kind": i.kind,
-                "sha256": i.sha256,
-                "parameters": count_parameters(i.config),
-                "size_bytes": weight_bytes(i.path),
-                "quality": store.get(quality_keys[i.label]) if spec.quality else None,
-                "speed": store.get(speed_keys[i.label]) if spec.speed else None,
-            }
-            for i in infos
-        ],
+        "artifacts": rows,
     }
+    output.mkdir(parents=True, exist_ok=True)
     results["plots"] = report_md.write_plots(results, output) if spec.plots else []
     write_json_atomic(output / RESULTS_FILE, results)
     markdown = report_md.render_markdown(results)
     tmp = output / f".{REPORT_FILE}.tmp"
     tmp.write_text(markdown)
     os.replace(tmp, output / REPORT_FILE)
-    return BenchReport(output=output, results=results, markdown=markdown, measured=tuple(measured))
+    return BenchReport(output=output, results=results, markdown=markdown, measured=tuple(measured), non_finite=non_finite)

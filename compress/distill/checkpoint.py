@@ -2,6 +2,10 @@
 
 Each checkpoint is written into a staging folder (compress.artifacts.staging_dir) and renamed when complete;
 the last `keep_last` are kept. Optimizer state is read back with `torch.load(weights_only=True)`.
+
+A run killed while writing one leaves its pid-marked staging folder `.step-N.tmp-PID@HOST-*`; `prepare_resume`
+removes those of dead processes (never a live run's), removes checkpoint folders that lack a file, and names the
+last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -14,10 +18,16 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from compress.artifacts import OutputKind, remove_stale, staging_dir
+from compress.errors import CompressError
 
 _NAME = re.compile(r"^step-(\d{8})$")
 _STAGED = re.compile(r"^\.(step-\d{8})\.(tmp|old)-")
 CHECKPOINT = OutputKind("checkpoint", ("state.json",), replaced=True)
+FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")  # state.json is written last
+
+
+class CheckpointError(CompressError, RuntimeError):
+    """A checkpoint that does not fit the run being resumed."""
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -27,9 +37,52 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def incomplete(path: Path) -> str | None:
+    """Why the checkpoint folder `path` is not a complete checkpoint (None when it is one)."""
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        step = json.loads((path / "state.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return "state.json is not readable JSON"
+    match = _NAME.match(path.name)
+    if match and step != int(match.group(1)):
+        return f"state.json says step {step}"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint folders in `root`, oldest first."""
+    return [p for p in checkpoint_dirs(root) if incomplete(p) is None]
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    complete = [p for p in checkpoint_dirs(root) if (p / "state.json").is_file()]
+    complete = complete_checkpoints(root)
     return complete[-1] if complete else None
+
+
+def clear_staging(root: Path) -> list[Path]:
+    """Remove the staging folders that dead runs left in `root` (a live run's are kept) and put back an old
+    checkpoint a killed run had moved aside; returns what was removed."""
+    if not root.is_dir():
+        return []
+    before = {p for p in root.iterdir() if _STAGED.match(p.name)}
+    for name in sorted({m.group(1) for p in before if (m := _STAGED.match(p.name))}):
+        remove_stale(root / name)
+    return sorted(p for p in before if not p.exists())
+
+
+def prepare_resume(root: Path) -> tuple[Path | None, list[str]]:
+    """Before a resume: clear dead runs' staging folders and remove checkpoint folders that are not complete
+    (a kill or a lost file); return the last complete checkpoint and one line per thing removed."""
+    notes = [f"cleared {p}, left by a run that was killed while writing a checkpoint" for p in clear_staging(root)]
+    for path in checkpoint_dirs(root):
+        reason = incomplete(path)
+        if reason is not None:
+            shutil.rmtree(path)
+            notes.append(f"removed the incomplete checkpoint {path} ({reason})")
+    return latest_checkpoint(root), notes
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -82,7 +135,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the saved state (with `step`)."""
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if unexpected or missing:
-        raise RuntimeError(f"checkpoint {path} does not fit the student: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"checkpoint {path} does not fit the student: missing {missing}, unexpected {unexpected}; use --overwrite to start over")
     blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +24,7 @@ from compress.architectures import WeightLayoutError, student_from_config, stude
 from compress.artifacts import FOLDER, ArtifactExistsError, ArtifactRecord, check_output, describe_input, device_info, hash_path, size_on_disk, write_artifact
 from compress.data import batch_indices, load_blocks, tokenizer_fingerprint
 from compress.distill import logits_cache
-from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
+from compress.distill.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint, prepare_resume, remove_checkpoints, save_checkpoint
 from compress.distill.losses import perplexity
 from compress.errors import CompressError
 from compress.distill.objective import DistillObjective, check_plain_head, evaluate
@@ -30,6 +33,7 @@ from compress.recipe import Recipe
 
 STUDENT_DIR = "student"
 CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "train_log.jsonl"
 
 
 class DistillError(CompressError, RuntimeError):
@@ -187,9 +191,10 @@ def distill_inputs(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
     return model_inputs, model_inputs + [recipe.data.train, recipe.data.eval]
 
 
-def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, overwrite_any: bool = False) -> None:
+def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, overwrite_any: bool = False) -> list[str]:
     """Check the run folder and the student's place before any model loads; on a fresh start, remove the earlier
-    run's checkpoints (only those: other files in the folder are left alone)."""
+    run's checkpoints (only those: other files in the folder are left alone). Otherwise clear what a killed run
+    left among them (dead runs' staging folders, incomplete checkpoint folders) and return one line per removal."""
     run_dir = recipe.run_dir
     artifact, ckpts = run_dir / STUDENT_DIR, run_dir / CHECKPOINT_DIR
     overwrite = overwrite or overwrite_any
@@ -203,6 +208,40 @@ def _prepare_run_dir(recipe: Recipe, *, resume: bool, overwrite: bool, overwrite
         raise ArtifactExistsError(f"{ckpts} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to start over")
     if overwrite and not resume:
         remove_checkpoints(ckpts)
+        return []
+    return prepare_resume(ckpts)[1]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of `train_log.jsonl` for steps 1..`step` (for a step logged twice, the later line) in step
+    order, and drop the rest: lines of steps a resumed run will redo, and a line torn by a kill. The file is
+    replaced atomically (a kill now leaves the old one or the new one)."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    kept: dict[int, str] = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        logged = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(logged, int) and 0 < logged <= step:
+            kept[logged] = line
+    new = "".join(kept[s] + "\n" for s in sorted(kept))
+    if new == text:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(new)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _accelerator(spec):
@@ -215,13 +254,17 @@ def _accelerator(spec):
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
 
 
-def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True, recipe_file: str | None = None) -> DistillResult:
+def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True, recipe_file: str | None = None,
+                log: Callable[[str], None] = print) -> DistillResult:
+    """`resume`: continue from the last complete checkpoint (named through `log`), after clearing what a killed
+    run left; train_log.jsonl is cut back to the steps up to it."""
     start_time = time.perf_counter()
     spec = recipe.distill
     run_dir = recipe.run_dir
     accelerator = _accelerator(spec)
+    notes: list[str] = []
     if accelerator.is_main_process:
-        _prepare_run_dir(recipe, resume=resume, overwrite=overwrite, overwrite_any=overwrite_any)
+        notes = _prepare_run_dir(recipe, resume=resume, overwrite=overwrite, overwrite_any=overwrite_any)
     accelerator.wait_for_everyone()
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
@@ -263,13 +306,28 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.warmup_steps, spec.steps, spec.min_lr_ratio))
 
     ckpt_root = run_dir / CHECKPOINT_DIR
-    step, history = 0, []
-    last = latest_checkpoint(ckpt_root) if resume else None
-    if last is not None:
-        state = load_checkpoint(last, student, optimizer, scheduler)
-        step, history = state["step"], state.get("history", [])
-        if state.get("recipe_hash") not in (None, _train_hash(recipe)):
-            raise DistillError(f"{last} was written by a different recipe (model, data or training settings changed); use --overwrite")
+    step, history, last = 0, [], None
+    for candidate in reversed(complete_checkpoints(ckpt_root) if resume else []):
+        saved = json.loads((candidate / "state.json").read_text())
+        if saved.get("recipe_hash") not in (None, _train_hash(recipe)):
+            raise DistillError(f"{candidate} was written by a different recipe (model, data or training settings changed); use --overwrite")
+        try:
+            state = load_checkpoint(candidate, student, optimizer, scheduler)
+        except CheckpointError:
+            raise
+        except Exception as err:  # a file a crash or the disk left unreadable: the one before is complete
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            notes.append(f"cannot read the checkpoint {candidate} ({reason}); skipped it")
+            continue
+        step, history, last = state["step"], state.get("history", []), candidate
+        break
+    log_path = run_dir / LOG_FILE
+    if accelerator.is_main_process:
+        for note in notes:
+            log(f"resume: {note}")
+        if resume:
+            log(f"resuming from step {step}: {last}" if last is not None else f"no complete checkpoint in {ckpt_root}: starting from step 0")
+        truncate_log(log_path, step)  # the steps from here on are logged again
     model = accelerator.prepare(objective)
 
     # Each process evaluates its own share of the held-out blocks; the teacher's side is fixed, so compute it once.
@@ -285,7 +343,6 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     from tqdm.auto import tqdm
 
     bar = tqdm(total=spec.steps, initial=step, desc="distill", unit="step", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
-    log_path = run_dir / "train_log.jsonl"
     train_time, train_steps = 0.0, 0
     while step < spec.steps:
         t0 = time.perf_counter()
