@@ -185,15 +185,13 @@ def test_cli_bench_reuses_measurements_and_prints_the_table(bench, zoo, text_fil
 
 
 def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path, zoo, text_files):
-    import shutil
-
     from compress.bench.speed import SpeedMeasurementError
 
-    # weights that open (so the check before measuring passes) but do not fit the config: loading fails in the child
-    broken = tmp_path / "broken-weights"
-    shutil.copytree(zoo["student"], broken)
-    config = json.loads((broken / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+    from conftest import save_tiny
+
+    # a valid model (every check before measuring passes) whose vocabulary is smaller than its tokenizer's: the
+    # prompt's token ids index past its embedding, which fails only inside the measuring child
+    broken = save_tiny(tmp_path / "broken-weights", "llama", zoo["student"], layers=1, vocab=64, hidden_size=64, intermediate_size=128)
     spec = BenchSpec(**{**SPEC, "quality": False, "batch_sizes": [1], "repeats": 1})
     out = tmp_path / "out"
     with pytest.raises(SpeedMeasurementError, match="broken-weights"):

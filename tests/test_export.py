@@ -84,7 +84,7 @@ def test_fp32_export_matches_torch_with_cache(tmp_path, tiny, family):
     v = result.validation
     assert v["passed"] and v["max_abs_diff"] < 1e-4 and v["top1_agreement"] == 1.0 and v["decode_steps"] > 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tokenizer") and p.name != "special_tokens_map.json") == [
-        "compress.json", "config.json", "genai_config.json", "generation_config.json", "model.onnx"]
+        "README.md", "compress.json", "config.json", "genai_config.json", "generation_config.json", "model.onnx"]
     assert (out / "tokenizer.json").is_file()
     record = json.loads((out / "compress.json").read_text())
     assert record["stage"] == "export" and record["recipe"]["export"]["weights"] == "fp32"

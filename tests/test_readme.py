@@ -32,3 +32,18 @@ def test_readme_documents_every_recipe_key():
 
 def test_readme_key_table_is_current():
     assert keys_markdown() in ROOT.joinpath("README.md").read_text(), "regenerate the README key table from compress.recipe.keys_markdown()"
+
+
+def test_results_tables_are_generated_from_their_json():
+    """A results table typed or edited by hand (or left stale after a rerun) differs from what its script makes."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import frontier, gptq_ab_report
+
+    results = ROOT / "benchmarks" / "results"
+    ab, seeds = gptq_ab_report.rows(results / "gptq_ab.jsonl"), gptq_ab_report.rows(results / "gptq_seeds.jsonl")
+    assert (results / "gptq_ab.md").read_text() == gptq_ab_report.ab_markdown(ab)
+    assert (results / "gptq_seeds.md").read_text() == gptq_ab_report.seeds_markdown(ab, seeds)
+    assert (results / "frontier.md").read_text() == frontier.markdown(json.loads((results / "frontier.json").read_text()))

@@ -110,25 +110,14 @@ def machine_info(device: torch.device, threads: int | None) -> dict:
 
 
 def check_loadable(info) -> None:
-    """Refuse, before the report folder is touched, an artifact whose weight files cannot be opened: an ONNX model
-    that ONNX Runtime refuses (its session is created once here, on the CPU), or a safetensors file whose header is
-    damaged or that is cut short (only its header is read)."""
-    if info.path is None:
+    """Refuse, before the report folder is touched, an ONNX model that ONNX Runtime refuses (its session is created
+    once here, on the CPU). Model folders were checked when they were inspected (compress.models.check_model_folder:
+    damaged or cut-short safetensors files, config/weight mismatches, non-finite weights)."""
+    if info.path is None or info.kind != "onnx":
         return
-    if info.kind == "onnx":
-        from compress_exporters.runtime import OnnxCausalLM
+    from compress_exporters.runtime import OnnxCausalLM
 
-        OnnxCausalLM.from_dir(info.path, threads=1)  # RuntimeLoadError names the file and ONNX Runtime's reason
-        return
-    from safetensors import safe_open
-
-    for file in sorted(info.path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except Exception as err:  # SafetensorError, OSError
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise BenchInputError(f"{info.label}: {file} is not a readable safetensors file ({reason}); the copy is damaged or cut short: write it again") from None
+    OnnxCausalLM.from_dir(info.path, threads=1)  # RuntimeLoadError names the file and ONNX Runtime's reason
 
 
 def _versions() -> dict:
