@@ -80,20 +80,31 @@ def test_quality_equals_direct_formulas(bench, zoo, text_files):
     assert 0 < rows["rtn4"]["quality"]["kl_per_token"] < q["kl_per_token"]
 
 
-def test_speed_cost_and_files(bench):
+def test_speed_cost_and_files(bench, zoo):
     results = bench.results
     for a in results["artifacts"]:
         speed = a["speed"]
         assert set(speed["prefill"]) == {"8", "24"} and set(speed["decode"]) == {"1", "2"}
         for p in speed["prefill"].values():
-            assert len(p["runs_s"]) == 2 and 0 < p["median_s"] <= p["p90_s"] <= max(p["runs_s"])
+            fast, slow = sorted(p["runs_s"])  # two timed runs: median their mean, p90 interpolated 90% of the way
+            assert fast > 0 and p["median_s"] == pytest.approx((fast + slow) / 2) and p["p90_s"] == pytest.approx(fast + 0.9 * (slow - fast))
         for b, d in speed["decode"].items():
-            assert len(d["tokens_per_s_runs"]) == 2 and d["tokens_per_s_median"] > 0 and d["step_ms_p90"] >= d["step_ms_median"] > 0
+            assert len(d["tokens_per_s_runs"]) == 2 and min(d["tokens_per_s_runs"]) > 0
+            assert d["tokens_per_s_median"] == pytest.approx(sum(d["tokens_per_s_runs"]) / 2) and d["step_ms_p90"] >= d["step_ms_median"] > 0
             assert d["new_tokens"] == 4 and d["prompt_tokens"] == 8
         assert speed["peak_rss_mb"] >= speed["base_rss_mb"] > 0 and speed["threads"] == 1
         assert speed["runs_on"] == ("CPUExecutionProvider" if a["kind"] == "onnx" else "cpu")
     rows = {a["label"]: a for a in results["artifacts"]}
-    assert rows["teacher"]["parameters"] == rows["rtn4"]["parameters"] == rows["onnx"]["parameters"] > rows["student"]["parameters"]
+    from transformers import AutoModelForCausalLM
+
+    for label in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(zoo[label])
+        assert rows[label]["parameters"] == sum(p.numel() for p in model.parameters())  # tied weights once
+    # the quantized copy and the export report the float architecture's count
+    assert rows["teacher"]["parameters"] == rows["rtn4"]["parameters"] == rows["onnx"]["parameters"]
+    for label in ("teacher", "student", "rtn4"):
+        assert rows[label]["size_bytes"] == sum(f.stat().st_size for f in zoo[label].glob("*.safetensors"))
+    assert rows["onnx"]["size_bytes"] == sum(f.stat().st_size for f in zoo["onnx"].glob("model.onnx*"))
     assert rows["rtn4"]["size_bytes"] < rows["teacher"]["size_bytes"]
     assert [rows[k]["kind"] for k in ("teacher", "rtn4", "onnx")] == ["float", "gptq", "onnx"]
     out = bench.output
@@ -150,12 +161,53 @@ def test_report_inside_an_artifact_is_refused(tmp_path, tokenizer_dir, text_file
     assert not (model / "bench").exists()
 
 
-def test_teacher_is_found_through_the_lineage(zoo):
+def _fake_distilled(target, student, inputs):
+    """`student`'s files as a distillation artifact whose compress.json records `inputs` (a real run is slower)."""
+    import shutil
+
+    from compress.artifacts import ArtifactRecord, write_artifact
+
+    record = ArtifactRecord(stage="distill", recipe={}, inputs=inputs)
+    return write_artifact(target, record, lambda d: [shutil.copy2(f, d) for f in student.iterdir() if f.is_file()])
+
+
+def test_teacher_is_found_through_the_lineage(zoo, tmp_path, text_files):
+    from compress.artifacts import describe_input, read_record
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+
     rtn = inspect_artifact(str(zoo["rtn4"]))
     assert rtn.kind == "gptq"
     assert teacher_from_lineage(rtn) is None  # a quantized float model that was never distilled has no teacher
-    record = json.loads((zoo["rtn4"] / "compress.json").read_text())
-    assert record["inputs"][0]["role"] == "model"
+
+    # a distilled student whose teacher was given by a path relative to another working directory: the teacher
+    # is named by the absolute path recorded beside it
+    teacher = zoo["teacher"].resolve()
+    entry = {**describe_input("teacher", str(teacher), teacher), "source": "../elsewhere/teacher"}
+    distilled = _fake_distilled(tmp_path / "student", zoo["student"], [entry, describe_input("train_data", str(text_files["train"]), text_files["train"])])
+    assert teacher_from_lineage(inspect_artifact(str(distilled))) == str(teacher)
+    # quantized on top (a real quantize stage, whose record names the student as its model input): the
+    # lineage is followed upstream to the distillation's teacher
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(zoo["cache"])},
+        "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
+    })
+    quantized = run_quantize(recipe, str(distilled), tmp_path / "student-rtn4", progress=False).artifact
+    assert [(i["role"], i["path"]) for i in read_record(quantized)["inputs"]] == [("model", str(distilled.resolve()))]
+    assert teacher_from_lineage(inspect_artifact(str(quantized))) == str(teacher)
+    # compress bench given no teacher measures against that one
+    spec = BenchSpec(**{**SPEC, "speed": False, "plots": False})
+    report = run_bench(spec, [str(quantized)], tmp_path / "report", eval_default=str(text_files["eval"]), cache_dir=zoo["cache"], progress=False, log=lambda _: None)
+    assert report.results["settings"]["teacher"] == str(teacher)
+    assert report.results["artifacts"][0]["quality"]["kl_per_token"] > 0
+
+    # a builtin teacher is named by its builtin name, not its cache folder; a teacher folder since removed by its source
+    builtin = _fake_distilled(tmp_path / "builtin", zoo["student"], [{"role": "teacher", "source": "builtin:smollm2-135m", "path": str(teacher)}])
+    assert teacher_from_lineage(inspect_artifact(str(builtin))) == "builtin:smollm2-135m"
+    gone = _fake_distilled(tmp_path / "gone", zoo["student"], [{"role": "teacher", "source": "some/hub-teacher", "path": str(tmp_path / "removed")}])
+    assert teacher_from_lineage(inspect_artifact(str(gone))) == "some/hub-teacher"
+    # a lineage whose upstream model is no compress artifact ends without a teacher
+    assert teacher_from_lineage(inspect_artifact(str(zoo["rtn4"]))) is None
 
 
 def test_pareto_front():

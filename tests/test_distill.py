@@ -177,13 +177,43 @@ def test_missing_teacher_path_is_named(tmp_path, text_files):
         run_distill(recipe, progress=False)
 
 
-def test_existing_student_model_and_hidden_loss(tmp_path, teachers, text_files, tokenizer_dir):
+def test_existing_student_model_and_hidden_loss(tmp_path, teachers, text_files, tokenizer_dir, monkeypatch):
+    from compress.distill.losses import token_divergence
+    from compress.distill.objective import DistillObjective
+
     init = save_tiny(tmp_path / "init", "llama", tokenizer_dir, seed=3, layers=2)
     recipe_data = tiny_recipe(tmp_path, teachers["llama"], text_files)
     recipe_data["student"] = {"model": str(init)}
     recipe_data["distill"].update(hidden={"weight": 0.5, "pairs": [[1, 2], [2, 4]]}, loss={"kind": "jsd", "beta": 0.3, "ce_weight": 0.2, "chunk_size": 7})
+    batches = []  # the training batches, in order (grad_accum 1: one per step)
+    real_forward = DistillObjective.forward
+
+    def spy(self, input_ids, teacher):
+        batches.append(input_ids.detach().clone())
+        return real_forward(self, input_ids, teacher)
+
+    monkeypatch.setattr(DistillObjective, "forward", spy)
     result = run_distill(validate_recipe(recipe_data), progress=False)
     roles = {i["role"] for i in read_record(result.artifact)["inputs"]}
     assert "student_init" in roles
     log = [json.loads(l) for l in (result.artifact.parent / "train_log.jsonl").read_text().splitlines()]
-    assert all("hidden_mse" in r and r["hidden_mse"] >= 0 for r in log)
+    assert len(log) == len(batches) == 6
+    # every step's loss is its weighted parts: (1 - ce_weight) * divergence + ce_weight * CE + hidden weight * MSE
+    for r in log:
+        assert r["loss"] == pytest.approx(0.8 * r["divergence"] + 0.2 * r["ce"] + 0.5 * r["hidden_mse"], rel=1e-5), r
+    # step 1 ran the untrained student: recompute its parts from the two saved models on that batch
+    ids = batches[0]
+    with torch.no_grad():
+        s = AutoModelForCausalLM.from_pretrained(init).eval()(input_ids=ids, output_hidden_states=True)
+        t = AutoModelForCausalLM.from_pretrained(teachers["llama"]).eval()(input_ids=ids, output_hidden_states=True)
+    # HF hidden_states: index 0 the embeddings, index i the output of block i (the last one normed)
+    mse = sum(float((s.hidden_states[i] - t.hidden_states[j]).pow(2).mean()) for i, j in [(1, 2), (2, 4)]) / 2
+    vocab = s.logits.shape[-1]
+    zs, zt, labels = s.logits[:, :-1].reshape(-1, vocab), t.logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)
+    jsd = float(token_divergence(zs, zt, "jsd", beta=0.3).mean())
+    ce = float(torch.nn.functional.cross_entropy(zs, labels))
+    first = log[0]
+    assert first["hidden_mse"] == pytest.approx(mse, rel=1e-4) and mse > 0
+    assert first["divergence"] == pytest.approx(jsd, rel=1e-4)
+    assert first["ce"] == pytest.approx(ce, rel=1e-5)
+    assert first["loss"] == pytest.approx(0.8 * jsd + 0.2 * ce + 0.5 * mse, rel=1e-4)

@@ -150,9 +150,20 @@ def test_dead_columns_and_inputs_untouched():
 
 
 def test_dtype_follows_w():
-    W = weight(32, 64).to(torch.bfloat16)
-    r = gptq(W, torch.eye(64), QuantGrid(4), group_size=32)
+    # A bf16 weight is quantized in fp32: the same codes and grid as its fp32 copy gets, and Q is that
+    # copy's dequantized weight rounded to bf16 (not a bf16 computation, not a float32 tensor).
+    X, W = correlated_inputs(512, 64), weight(32, 64).to(torch.bfloat16)
+    H = hessian(X)
+    r = gptq(W, H, QuantGrid(4), group_size=32, act_order=True)
+    ref = gptq(W.float(), H, QuantGrid(4), group_size=32, act_order=True)
     assert r.Q.dtype == torch.bfloat16 and r.scales.dtype == torch.float32
+    for name in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(r, name), getattr(ref, name)), name
+    assert torch.equal(r.Q, ref.Q.to(torch.bfloat16))
+    g = r.g_idx.long()
+    dequantized = r.scales[g].T * (r.codes - r.zeros[g].T).float()  # (rows, cols) from the codes and the grid
+    assert torch.equal(r.Q, dequantized.to(torch.bfloat16))
+    assert r.loss == pytest.approx(ref.loss, rel=1e-6)
 
 
 def test_bad_inputs():

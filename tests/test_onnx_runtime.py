@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnx", reason="ONNX export needs onnx: pip install 'compress-llm[onnx]'")
@@ -103,8 +104,10 @@ def test_generate_takes_token_ids_and_respects_context_length(exported):
     lm = OnnxCausalLM.from_dir(exported[1])
     ids = lm.encode(PROMPTS[0])
     assert lm.generate(ids, max_new_tokens=5, stop_tokens=[]).token_ids == lm.generate(PROMPTS[0], max_new_tokens=5, stop_tokens=[]).token_ids
+    free = lm.generate(ids, max_new_tokens=10, stop_tokens=[]).token_ids
     lm.context_length = len(ids) + 3
-    assert len(lm.generate(ids, max_new_tokens=50, stop_tokens=[]).token_ids) == 3
+    capped = lm.generate(ids, max_new_tokens=50, stop_tokens=[])
+    assert capped.token_ids == free[:3] and capped.finish_reason == "length"  # cut at the context, not changed
 
 
 def test_fused_folder_shares_its_kv_buffer(exported, lm):
@@ -126,11 +129,29 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_external_data_folder_loads(tmp_path, exported, monkeypatch, lm):
     import compress_exporters.onnx as exporter
 
+    kind = json.loads((exported[1] / "compress.json").read_text())["recipe"]["export"]["exporter"]
+    inline = export_onnx(exported[0], tmp_path / "inline", weights="int4", exporter=kind).artifact
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # as for models over 1 GiB
-    out = export_onnx(exported[0], tmp_path / "onnx", weights="int4").artifact
+    out = export_onnx(exported[0], tmp_path / "onnx", weights="int4", exporter=kind).artifact
+    assert not (inline / "model.onnx.data").exists()
     assert (out / "model.onnx.data").stat().st_size > 50_000  # the weights left model.onnx
-    result = OnnxCausalLM.from_dir(out).generate(PROMPTS[1], max_new_tokens=8, stop_tokens=[])
-    assert len(result.token_ids) == 8
+    # the same model as the one with its weights inside model.onnx: the same logits at every greedy step
+    want_tokens, want_logits = greedy_with_logits(OnnxCausalLM.from_dir(inline, threads=1), lm.encode(PROMPTS[1]), 16)
+    tokens, logits = greedy_with_logits(OnnxCausalLM.from_dir(out, threads=1), lm.encode(PROMPTS[1]), 16)
+    assert tokens == want_tokens and len(tokens) == 16
+    np.testing.assert_array_equal(logits, want_logits)
+
+
+def greedy_with_logits(model: OnnxCausalLM, ids: list[int], new_tokens: int) -> tuple[list[int], "np.ndarray"]:
+    """Greedy tokens and the (new_tokens, vocab) logits each was picked from."""
+    rows = []
+
+    def pick(row):
+        rows.append(row.copy())
+        return int(row.argmax())
+
+    tokens = list(model._token_stream(list(ids), new_tokens, pick))
+    return tokens, np.stack(rows)
 
 
 def _run_without_torch(code: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import torch
 
 from compress.quantize.gptq import QuantResult, accumulate_hessian, gptq
 from compress.quantize.grid import QuantGrid, rtn
-from compress.quantize.packing import PackedGPTQ, dequantize_packed, pack, unpack
+from compress.quantize.packing import dequantize_packed, pack, unpack
 
 
 def act_order_result(bits: int, sym: bool, group_size: int, cols: int, rows: int = 32) -> QuantResult:
@@ -138,10 +138,3 @@ def test_unpackable_shapes_raise(bits, rows, cols, what):
     r = rtn(torch.randn(rows, cols), QuantGrid(bits), -1)
     with pytest.raises(ValueError, match=f"needs {what}"):
         pack(r)
-
-
-def test_packed_dataclass_is_frozen():
-    p = pack(rtn(torch.randn(8, 8), QuantGrid(4), -1))
-    assert isinstance(p, PackedGPTQ)
-    with pytest.raises(Exception):
-        p.bits = 3
