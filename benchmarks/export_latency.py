@@ -240,8 +240,8 @@ def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth
     specs = variants_for(label, float_dir, gptq_dir, genai_dir, args)
     prompts = {n: prompt_ids(float_dir, n) for n in sorted(set(args.prefill) | {args.decode_prompt})}
     rows = {name: {"kind": kind, "path": str(path), "prefill_s": {str(n): [] for n in args.prefill}, "decode_tok_s": [], "load_average": []} for name, kind, path in specs}
-    # Creation order matters: of five identical ONNX Runtime sessions in one process, the later-created ran
-    # faster (160 -> 172 tok/s, interleaved rounds on an idle machine). --reverse-load flips it for a check.
+    # Creation order matters: of identical ONNX Runtime sessions in one process, the later-created ran faster
+    # (benchmarks/results/export_latency-idle.json vs -idle-reversed.json). --reverse-load flips it for a check.
     loaded = [(name, kind, path, make_variant(kind, name, path, args)) for name, kind, path in (specs[::-1] if args.reverse_load else specs)]
     for _, _, _, variant in loaded:  # warm-up: allocations, kernel choices, page faults
         variant.prefill(prompts[args.prefill[0]])
