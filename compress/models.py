@@ -200,6 +200,11 @@ def check_tokenizer_files(folder: str | Path) -> None:
             json.loads(path.read_bytes().decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelSourceError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-create the model folder (rerun the command that wrote it) or copy that file again") from None
+    for path in sorted(Path(folder).glob("*.jinja")):  # chat templates: text that transformers reads as UTF-8
+        try:
+            path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ModelSourceError(f"{path} is not readable UTF-8 text ({err}); it is corrupt: re-create the model folder or copy that file again") from None
 
 
 def check_remote_code(folder: str | Path, config: dict, *, trust_remote_code: bool = False) -> None:

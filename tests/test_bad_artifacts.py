@@ -158,15 +158,18 @@ def test_a_non_finite_distill_teacher_is_named(good, tmp_path, text_files, capsy
 
 
 @pytest.mark.parametrize("command", ["quantize", "export", "bench"])
-def test_a_damaged_tokenizer_file_is_named(command, good, tmp_path, text_files, capsys):
-    """Found by benchmarks/fuzz.py: bytes flipped in tokenizer.json surfaced as a UnicodeDecodeError traceback."""
+@pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja"])
+def test_a_damaged_tokenizer_file_is_named(command, name, good, tmp_path, text_files, capsys):
+    """Found by benchmarks/fuzz.py: bytes flipped in tokenizer.json or the chat template surfaced as a UnicodeDecodeError traceback."""
     bad = _copy(good, tmp_path)
-    tok = bad / "tokenizer.json"
+    tok = bad / name
+    if not tok.exists():
+        tok.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     data = bytearray(tok.read_bytes())
     data[len(data) // 2] = 0xFF  # not UTF-8
     tok.write_bytes(bytes(data))
     _, err = _cli(command, bad, tmp_path, text_files, capsys)
-    assert f"{tok} is not readable JSON" in err and "truncated or corrupt" in err
+    assert f"{tok} is not readable" in err and "corrupt" in err
 
 
 def test_run_with_a_teacher_that_needs_remote_code_is_a_named_problem(good, tmp_path, text_files, capsys):

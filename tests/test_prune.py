@@ -148,7 +148,7 @@ def test_importance_equals_a_direct_computation():
     hs = teacher(x, output_hidden_states=True).hidden_states
     for i in range(2):
         cos = torch.nn.functional.cosine_similarity(hs[i].reshape(-1, 32), hs[i + 1].reshape(-1, 32), dim=-1)
-        assert scores.block_influence[i].detach().item() == pytest.approx(float((1 - cos).mean()), rel=1e-5)
+        assert scores.block_influence[i].detach().item() == pytest.approx(float((1 - cos).mean().detach()), rel=1e-5)
     # Heads, MLP channels, hidden channels: the formula applied to captured activations, written out by hand.
     captured = {"o": [], "down": [], "norms": []}
     handles = [teacher.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured["o"].append(a[0])),
