@@ -102,28 +102,34 @@ def test_run_skip_and_redo(tmp_path, teachers, text_files, capsys):
     assert teacher_from_lineage(inspect_artifact(str(run / "onnx-int4"))) == str(teachers["llama"].resolve())
 
 
-def test_interrupted_distillation_resumes(tmp_path, teachers, text_files, monkeypatch):
+def test_interrupted_distillation_resumes(tmp_path, teachers, text_files, monkeypatch, capsys):
+    """A real distillation stopped by Ctrl-C right after its step-3 checkpoint: `run --resume` continues it from
+    step 3 (not from 0), and its training log holds each step once."""
+    import json
+
     import compress.distill.loop as loop
 
-    data = full_recipe(tmp_path, teachers["llama"], text_files)
+    data = full_recipe(tmp_path, teachers["llama"], text_files)  # 6 steps, a checkpoint every 3
     for key in ("quantize", "export", "bench"):
         data.pop(key)
     recipe = validate_recipe(data)
-    real = loop.run_distill
-    calls = []
+    real = loop.save_checkpoint
 
-    def interrupted(recipe, **kwargs):
-        calls.append(kwargs)
-        if len(calls) == 1:
+    def save_then_stop(root, step, *args, **kwargs):
+        real(root, step, *args, **kwargs)
+        if step == 3:
             raise KeyboardInterrupt
-        return real(recipe, **kwargs)
 
-    monkeypatch.setattr(loop, "run_distill", interrupted)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, progress=False, log=lambda _: None)
-    assert not calls[0]["resume"]
+    assert not (recipe.run_dir / "student").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    capsys.readouterr()
     result = run_recipe(recipe, resume=True, progress=False, log=lambda _: None)
-    assert calls[1]["resume"] and not calls[1]["overwrite"]
+    assert "resuming from step 3" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (recipe.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert (result.outcomes[0].artifact / "compress.json").is_file()
 
 
