@@ -144,3 +144,38 @@ def test_transformers_4_loads_a_distilled_student(tmp_path, tokenizer_dir, text_
     meta, logits, ids = forward_in(python, result.artifact, text_files["eval"], tmp_path / "tf4.safetensors")
     assert json.loads(meta["rope_theta"]) == 123456.0 and json.loads(meta["use_cache"]) is True
     torch.testing.assert_close(logits, forward_here(result.artifact, ids), rtol=1e-4, atol=1e-4)
+
+
+# -- GPTQModel 7.6 in its side virtualenv ------------------------------------------------------------------------
+
+def test_gptqmodel_loads_our_gptq_folder_with_its_default_backend(tmp_path, tokenizer_dir, text_files):
+    """group_size auto (the default) picks a group that divides every width (96 and 192 here: 32), so GPTQModel's
+    default CPU kernel (torch int4pack, which refuses a partial group) loads the folder; it computes our
+    loader's logits within bf16 rounding."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+
+    python = side_python("gptqmodel")
+    teacher = save_tiny(tmp_path / "float", "llama", tokenizer_dir, layers=2, train_steps=20, hidden_size=96, intermediate_size=192, num_attention_heads=6)
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 256, "cache_dir": str(tmp_path / "cache")},
+        "quantize": {"method": "gptq", "bits": 4, "act_order": True, "calib": {"source": str(text_files["train"]), "samples": 8, "seq_len": 32}},
+    })
+    folder = run_quantize(recipe, str(teacher), tmp_path / "gptq", progress=False).artifact
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    from transformers import AutoTokenizer
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(folder)(text_files["eval"].read_text())["input_ids"][:48]])
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "interop" / "gptqmodel_forward.py"), str(folder), str(tmp_path / "ids.safetensors"), str(tmp_path / "gm.safetensors")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(tmp_path / "gm.safetensors"), "pt") as fh:
+        meta, theirs = fh.metadata(), fh.get_tensor("logits")
+    assert meta["gptqmodel"].startswith("7.6") and meta["layer_class"] != "TorchLinear"  # not the slow fallback
+    with torch.no_grad():
+        ours = models.load_quantized(folder)(input_ids=ids).logits.float()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.95
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05 * float(ours.abs().max()))
