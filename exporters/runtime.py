@@ -168,6 +168,13 @@ class OnnxCausalLM:
             tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
             raise RuntimeLoadError(f"{directory / TOKENIZER_FILE} is not a readable tokenizer ({_reason(err)}); re-export the folder with `compress export`") from None
+        for name in ("genai_config.json", "config.json", "generation_config.json"):  # read later, step by step
+            path = directory / name
+            if path.is_file():
+                try:
+                    json.loads(path.read_bytes().decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise RuntimeLoadError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-export the folder with `compress export`") from None
         eos, context = _read_eos_and_context(directory)
         return cls(create_session(model, providers, threads, spin), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
 

@@ -355,3 +355,22 @@ def test_compress_run_fails_when_its_bench_has_non_finite_results(tmp_path, caps
     assert "compress run: error: non-finite results for gptq-4bit (quality.ppl)" in err and str(bench / "results.json") in err
     (bench / "results.json").write_text(json.dumps({"artifacts": [{"label": "student", "non_finite": []}]}))
     assert main(["run", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("name", ["genai_config.json", "config.json", "generation_config.json"])
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_a_damaged_json_file_of_an_onnx_folder_is_named(tmp_path, onnx_export, name, how, capsys):
+    """Found by benchmarks/fuzz.py: a damaged genai_config.json reached bench as a UnicodeDecodeError/JSONDecodeError traceback."""
+    broken = shutil.copytree(onnx_export["onnx"], tmp_path / "broken")
+    path = broken / name
+    data = bytearray(path.read_bytes())
+    if how == "flipped":
+        data[len(data) // 3] = 0x8B  # not UTF-8
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    out = tmp_path / "bench"
+    code = main(["bench", str(broken), "--output", str(out), *BENCH_SETS])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{path} is not readable JSON" in err and not out.exists()
