@@ -374,3 +374,23 @@ def test_a_damaged_json_file_of_an_onnx_folder_is_named(tmp_path, onnx_export, n
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{path} is not readable JSON" in err and not out.exists()
+
+
+def test_resume_on_a_finished_distillation_says_so_and_keeps_the_student(tmp_path, teachers, text_files, capsys):
+    """Found by benchmarks/fuzz.py: `distill --resume` after the run had finished answered 'already exists; pass --overwrite'."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, teachers["llama"], text_files, steps=2, eval_every=2, save_every=2)))
+    assert main(["distill", str(recipe), "--no-progress"]) == 0
+    student = tmp_path / "run" / "student" / "model.safetensors"
+    before = student.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["distill", str(recipe), "--no-progress", "--resume"]) == 0
+    assert "is already complete (2 steps of this recipe); nothing to resume" in capsys.readouterr().out
+    assert student.stat().st_mtime_ns == before
+    # another recipe in the same folder is not "finished": the usual refusal stands
+    other = yaml.safe_load(recipe.read_text())
+    other["distill"]["lr"] = 1e-4
+    recipe.write_text(yaml.safe_dump(other))
+    assert main(["distill", str(recipe), "--no-progress", "--resume"]) == 2

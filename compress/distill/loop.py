@@ -261,6 +261,10 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     start_time = time.perf_counter()
     spec = recipe.distill
     run_dir = recipe.run_dir
+    done = _finished(recipe) if resume and not (overwrite or overwrite_any) else None
+    if done is not None:  # --resume on a run that already finished: nothing to do, nothing replaced
+        log(f"{done.artifact} is already complete ({done.steps} steps of this recipe); nothing to resume")
+        return done
     accelerator = _accelerator(spec)
     notes: list[str] = []
     if accelerator.is_main_process:
@@ -413,6 +417,22 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), inputs=distill_inputs(recipe)[1], overwrite=overwrite, overwrite_any=overwrite_any)
     accelerator.wait_for_everyone()
     return DistillResult(artifact=artifact, metrics=metrics, steps=step)
+
+
+def _finished(recipe: Recipe) -> DistillResult | None:
+    """The run's student when it was written by a finished distillation of this same training recipe."""
+    from compress.artifacts import read_record
+
+    artifact = recipe.run_dir / STUDENT_DIR
+    if not (artifact / "compress.json").is_file():
+        return None
+    try:
+        record = read_record(artifact)
+        same = record.get("stage") == "distill" and _train_hash(Recipe.model_validate(record["recipe"])) == _train_hash(recipe)
+    except Exception:  # an unreadable or older record: not provably this run; the usual checks decide
+        return None
+    metrics = record.get("metrics", {})
+    return DistillResult(artifact=artifact, metrics=metrics, steps=int(metrics.get("steps", 0))) if same and metrics.get("steps") == recipe.distill.steps else None
 
 
 def _train_hash(recipe: Recipe) -> str:
