@@ -40,10 +40,11 @@ def test_results_tables_are_generated_from_their_json():
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks import frontier, gptq_ab_report
+    from benchmarks import frontier, fuzz, gptq_ab_report
 
     results = ROOT / "benchmarks" / "results"
     ab, seeds = gptq_ab_report.rows(results / "gptq_ab.jsonl"), gptq_ab_report.rows(results / "gptq_seeds.jsonl")
     assert (results / "gptq_ab.md").read_text() == gptq_ab_report.ab_markdown(ab)
     assert (results / "gptq_seeds.md").read_text() == gptq_ab_report.seeds_markdown(ab, seeds)
     assert (results / "frontier.md").read_text() == frontier.markdown(json.loads((results / "frontier.json").read_text()))
+    assert (results / "fuzz.md").read_text() == fuzz.markdown(json.loads((results / "fuzz.json").read_text()))
