@@ -288,7 +288,17 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS.json", help="no building or measuring: one table and plot of the rows of "
                         "these results files (their quality and size; the teacher and teacher-GPTQ rows from the first file) into --results")
+    parser.add_argument("--render", action="store_true", help="no building or measuring: regenerate --results' markdown and plots from its JSON")
     args = parser.parse_args()
+    if args.render:
+        results = Path(args.results)
+        data = json.loads(results.read_text())
+        from compress.artifacts import write_json_atomic
+
+        data["plots"] = plots(data, results.parent, results.stem)  # the only field it changes
+        write_json_atomic(results, data)
+        results.with_suffix(".md").write_text(markdown(data))
+        return print(markdown(data))
     if args.combine:
         return combine([Path(f) for f in args.combine], Path(args.results))
     work = Path(args.work_dir)
