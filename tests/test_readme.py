@@ -47,4 +47,6 @@ def test_results_tables_are_generated_from_their_json():
     assert (results / "gptq_ab.md").read_text() == gptq_ab_report.ab_markdown(ab)
     assert (results / "gptq_seeds.md").read_text() == gptq_ab_report.seeds_markdown(ab, seeds)
     assert (results / "frontier.md").read_text() == frontier.markdown(json.loads((results / "frontier.json").read_text()))
+    for name in ("frontier-0.7", "frontier_all"):
+        assert (results / f"{name}.md").read_text() == frontier.markdown(json.loads((results / f"{name}.json").read_text()), f"{name}.json")
     assert (results / "fuzz.md").read_text() == fuzz.markdown(json.loads((results / "fuzz.json").read_text()))
