@@ -245,11 +245,20 @@ def plots(data: dict, out: Path, stem: str = "frontier") -> list[str]:
     return [f"{stem}.png", f"{stem}_curves.png"]
 
 
+def write_results(data: dict, results: Path) -> None:
+    """The JSON first (kept if a plot fails), then the plots it lists, then the markdown generated from it."""
+    from compress.artifacts import write_json_atomic
+
+    write_json_atomic(results, data)
+    data["plots"] = plots(data, results.parent, results.stem)
+    write_json_atomic(results, data)
+    results.with_suffix(".md").write_text(markdown(data, results.name))
+    print(markdown(data, results.name))
+
+
 def combine(files: list[Path], results: Path) -> None:
     """The rows of several frontier runs in one table and plot: quality and bytes are deterministic, so rows of
     separate runs compare; decode speed does not (each row keeps the run it was timed in)."""
-    from compress.artifacts import write_json_atomic
-
     runs = [json.loads(f.read_text()) for f in files]
     rows, seen = [], set()
     for f, run in zip(files, runs):
@@ -263,11 +272,7 @@ def combine(files: list[Path], results: Path) -> None:
     data = {"machine": first["machine"], "settings": {**first["settings"], "command": "python benchmarks/frontier.py " + " ".join(os.sys.argv[1:]),
                                                        "combined": [f.name for f in files]},
             "bench": first["bench"], "runs": {f.name: {"machine": r["machine"], "bench": r["bench"]} for f, r in zip(files, runs)}, "rows": rows}
-    write_json_atomic(results, data)
-    data["plots"] = plots(data, results.parent, results.stem)
-    write_json_atomic(results, data)
-    results.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(data, results)
 
 
 def main() -> None:
@@ -292,13 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         results = Path(args.results)
-        data = json.loads(results.read_text())
-        from compress.artifacts import write_json_atomic
-
-        data["plots"] = plots(data, results.parent, results.stem)  # the only field it changes
-        write_json_atomic(results, data)
-        results.with_suffix(".md").write_text(markdown(data, results.name))
-        return print(markdown(data, results.name))
+        return write_results(json.loads(results.read_text()), results)  # only the plots field of the JSON changes
     if args.combine:
         return combine([Path(f) for f in args.combine], Path(args.results))
     work = Path(args.work_dir)
@@ -315,8 +314,6 @@ def main() -> None:
     order = [label for label in [*STUDENTS, *TEACHER_GPTQ] if label in builds]
     builds = {label: builds[label] for label in order}
     bench = measure(builds, work, args)
-    from compress.artifacts import write_json_atomic
-
     data = {
         "machine": machine(),
         "settings": {"recipe": os.path.relpath(args.recipe, ROOT), "precision": args.precision, "eval_every": args.eval_every, "eval_tokens": args.eval_tokens,
@@ -329,11 +326,7 @@ def main() -> None:
             record = json.loads((Path(r["pruned"]["path"]) / "compress.json").read_text())["metrics"]["prune"]
             r["pruned"].update(candidates_in_budget=record["candidates_in_budget"], scored=len(record["scored"]))
     results = Path(args.results)
-    write_json_atomic(results, data)
-    data["plots"] = plots(data, results.parent, results.stem)
-    write_json_atomic(results, data)
-    results.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(data, results)
 
 
 if __name__ == "__main__":

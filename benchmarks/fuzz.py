@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -35,17 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 COMPRESS = [sys.executable, "-m", "compress.cli"]
 WRONG_VALUES = ["abc", -1, 0, 1.0e30, [], {}, None, True, "1e-3x", -0.5, [1, "x"], "builtin:nope/none"]
-
-
-def machine() -> dict:
-    import torch
-
-    from compress.artifacts import cpu_name
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    return {"commit": commit + ("+dirty" if dirty else ""), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(), "torch": torch.__version__}
 
 
 def run(cmd: list[str], *, timeout: float, cwd: Path) -> dict:
@@ -302,6 +290,10 @@ def main() -> None:
     for r in cases:
         summary.setdefault(r["group"], {}).setdefault(r["class"], 0)
         summary[r["group"]][r["class"]] += 1
+    try:  # benchmarks/ is sys.path[0] when this runs as a script
+        from benchmarks.frontier import machine
+    except ImportError:
+        from frontier import machine
     data = {"machine": machine(), "settings": {**vars(args), "command": "python benchmarks/fuzz.py " + " ".join(sys.argv[1:])}, "classes": classes, "summary": summary, "cases": cases}
     from compress.artifacts import write_json_atomic
 

@@ -17,15 +17,6 @@ import time
 from pathlib import Path
 
 
-def _commit() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
-
-
 def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,8 +36,8 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     from benchmarks.quantize_quality import LICENSES, calibration, far_domain_file
+    from benchmarks.frontier import machine
     from compress import models
-    from compress.artifacts import cpu_name
     from compress.data import packed_blocks
     from compress.evaluate import perplexity_on_blocks
     from compress.quantize import calibrate
@@ -81,6 +72,7 @@ def main() -> None:
     calibrate.quantize_blocks(model, calib, QuantGrid(bits=kwargs.pop("bits", 4), sym=True), method="gptq", group_size=group_size, skip=("lm_head",), **kwargs)
     total = time.perf_counter() - t0
     load_after = os.getloadavg()
+    provenance = machine()
     calibrate.accumulate_hessian = real_acc
     setattr(calibrate, core, real_gptq)
     row = {
@@ -88,7 +80,7 @@ def main() -> None:
         "quantize_s": round(total, 1), "hessian_s": round(times["hessian"], 1), "gptq_s": round(times["gptq"], 1),
         "forwards_s": round(total - times["hessian"] - times["gptq"], 1),
         "loadavg_before": load_before, "loadavg_after": load_after, "threads": torch.get_num_threads(),
-        "commit": _commit(), "machine": f"{cpu_name()} ({os.cpu_count()} cores)",
+        "commit": provenance["commit"], "machine": f"{provenance['cpu']} ({provenance['cpu_count']} cores)",
     }
     print(json.dumps(row), flush=True)
     if not args.no_eval:

@@ -192,19 +192,19 @@ def check_tokenizer_files(folder: str | Path) -> None:
     UnicodeDecodeError or a tokenizers panic deep inside transformers)."""
     import json
 
-    for name in TOKENIZER_JSON_FILES:
-        path = Path(folder) / name
-        if not path.is_file():
-            continue
+    texts = [p for p in (Path(folder) / n for n in TOKENIZER_JSON_FILES) if p.is_file()] + sorted(Path(folder).glob("*.jinja"))
+    stamp = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in texts)
+    if stamp in _CHECKED:  # load_config, load_tokenizer and load_model each call this on one folder
+        return
+    for path in texts:
         try:
-            json.loads(path.read_bytes().decode("utf-8"))
+            text = path.read_bytes().decode("utf-8")  # chat templates (*.jinja): UTF-8 text, as transformers reads them
+            if path.suffix == ".json":
+                json.loads(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelSourceError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-create the model folder (rerun the command that wrote it) or copy that file again") from None
-    for path in sorted(Path(folder).glob("*.jinja")):  # chat templates: text that transformers reads as UTF-8
-        try:
-            path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ModelSourceError(f"{path} is not readable UTF-8 text ({err}); it is corrupt: re-create the model folder or copy that file again") from None
+            what = "JSON" if path.suffix == ".json" else "UTF-8 text"
+            raise ModelSourceError(f"{path} is not readable {what} ({err}); it is truncated or corrupt: re-create the model folder (rerun the command that wrote it) or copy that file again") from None
+    _CHECKED.add(stamp)
 
 
 def check_remote_code(folder: str | Path, config: dict, *, trust_remote_code: bool = False) -> None:
@@ -228,7 +228,7 @@ def check_remote_code(folder: str | Path, config: dict, *, trust_remote_code: bo
     )
 
 
-_CHECKED: set[tuple] = set()  # folders whose weights passed, by their files' sizes and times
+_CHECKED: set[tuple] = set()  # folders whose weights (or tokenizer files) passed, by their files' sizes and times
 
 
 def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False, weights: bool = True) -> None:

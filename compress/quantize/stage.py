@@ -72,13 +72,13 @@ def resolve_group_size(spec, linears: dict, log=print) -> int:
     none does). An explicit size is kept; one that leaves a partial last group is warned about, naming the
     layers and the loaders that refuse them."""
     widths = {name: linear_weight(m).shape[1] for name, m in linears.items()}
+    fits = next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
     if spec.group_size == "auto":
-        return next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
+        return fits
     if spec.group_size != -1:
-        partial = sorted({w for w in widths.values() if w % spec.group_size})
-        if partial:
-            names = [n for n, w in widths.items() if w % spec.group_size]
-            fits = next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
+        names = [n for n, w in widths.items() if w % spec.group_size]
+        if names:
+            partial = sorted({widths[n] for n in names})
             log(
                 f"warning: quantize.group_size={spec.group_size} does not divide the input width of {len(names)} layers "
                 f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: widths {', '.join(map(str, partial))}); their last group is partial. "
