@@ -50,7 +50,7 @@ class OnnxVariant:
     def __init__(self, name: str, path: Path, threads: int, spin: bool, share_kv: bool | None = None):
         from compress_exporters.runtime import OnnxCausalLM
 
-        self.name = name
+        self.name, self.path, self.threads, self._every_position = name, Path(path), threads, None
         self.lm = OnnxCausalLM.from_dir(path, threads=threads, share_kv=share_kv, spin=spin)
 
     def prefill(self, ids: list[int]) -> float:
@@ -67,7 +67,11 @@ class OnnxVariant:
         for name in lm._past:
             _, heads, _, dim = lm._kv_dims(name)
             feeds[name] = np.zeros((1, heads, 0, dim), lm._past_dtype[name])
-        return lm.session.run(["logits"], feeds)[0][0]
+        if self._every_position is None:  # the graph as written: the runtime's session keeps the last logits only
+            from compress_exporters.runtime import create_session
+
+            self._every_position = create_session(self.path / "model.onnx", threads=self.threads)
+        return self._every_position.run(["logits"], feeds)[0][0]
 
     def decode(self, ids: list[int], n: int) -> float:
         stream = self.lm._token_stream(ids, n + 1, _argmax)

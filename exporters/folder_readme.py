@@ -76,8 +76,9 @@ def folder_readme(model_path: Path, *, config: dict, kv: dict, settings: dict, s
             "  `past_present_share_buffer: true`, so onnxruntime-genai does this itself.",
         ]
     if keep_input:
-        lines += [f"- `{keep_input}` (int64 scalar, default 0 = every position): 1 computes the logits of the last position only,",
-                  "  which is all a prefill for generation needs."]
+        lines += [f"- `logits` covers every input position. The graph holds an int64 initializer `{keep_input}` (0 here, not an",
+                  "  input); a copy of the graph with 1 there computes the last position's logits only, all a prefill for",
+                  "  generation needs (`compress_exporters.runtime` loads it that way)."]
     lines += [
         "",
         "## Run it with onnxruntime alone",

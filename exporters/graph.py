@@ -36,8 +36,14 @@ FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MS_DOMAIN = "com.microsoft"
 WINDOW_OFFSET = 1
 OPSET = 23  # RMSNormalization (the first norm, which has no residual to fuse) is standard ONNX from opset 23
-KEEP_INPUT = "num_logits_to_keep"  # optional int64 scalar input: logits for the last N positions only (0 = all)
-KV_CACHE_METADATA = {"compress.kv_cache": "gqa-shareable"}  # the runtime binds past and present to one buffer
+# An int64 scalar initializer (not a graph input: ONNX Runtime warns at every load about an initializer that is
+# also an input): logits for the last N positions (0, as written = every position, what ONNX Runtime, optimum and
+# onnxruntime-genai callers get). compress_exporters.runtime loads the graph with 1 there, since generation reads
+# only the last position's logits (a prefill then skips the LM head for every other position).
+KEEP_INPUT = "num_logits_to_keep"
+KEEP_METADATA_KEY = "compress.logits_to_keep_initializer"
+# the runtime binds past and present to one buffer; it may set KEEP_INPUT to 1
+KV_CACHE_METADATA = {"compress.kv_cache": "gqa-shareable", KEEP_METADATA_KEY: KEEP_INPUT}
 
 
 class Projector(Protocol):
@@ -267,7 +273,7 @@ def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
 def _keep_last(g: GraphWriter, hidden: str, seq: str) -> str:
     """The last `num_logits_to_keep` positions of `hidden` (0, the default, keeps all). A prefill only needs the
     last position's logits: skipping the others saves the LM head's largest product (positions x vocab)."""
-    g.init(KEEP_INPUT, np.asarray(0, np.int64))  # also a graph input: an initializer callers may override
+    g.init(KEEP_INPUT, np.asarray(0, np.int64))  # 0 = every position; the runtime loads the graph with 1
     keep = g.node("Unsqueeze", [KEEP_INPUT, g.const([0])], "keep_1d", name="logits/keep_1d")[0]
     first = g.node("Sub", [seq, keep], "keep_start", name="logits/start")[0]
     every = g.node("Equal", [keep, g.const([0])], "keep_all", name="logits/keep_all")[0]
@@ -282,7 +288,6 @@ def _model(g: GraphWriter, spec: DecoderSpec, names_in: list[str], names_out: li
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]),
     ] + [kv(name, "past_sequence_length") for name in names_in[3:]]
-    inputs.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_length", spec.vocab])]
     outputs += [kv(name, "present_sequence_length") for name in names_out[1:]]
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)

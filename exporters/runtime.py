@@ -27,6 +27,7 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 PREFILL_CHUNK = 128
 KV_CACHE_KEY = "compress.kv_cache"  # model metadata written by compress_exporters.graph
+KEEP_KEY = "compress.logits_to_keep_initializer"  # metadata naming the graph's last-N-logits initializer
 
 
 class RuntimeLoadError(CompressError, ValueError):
@@ -57,9 +58,29 @@ def session_options(threads: int | None = None, spin: bool = False):
     return options
 
 
-def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None, spin: bool = False):
+def _last_logits_model(path: Path):
+    """The model at `path` as bytes with its logits-to-keep initializer (compress_exporters.graph) set to 1, so
+    every run computes the last position's logits only; None when the graph has none or the onnx package is
+    missing (then the file loads as it is)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk, read by ONNX Runtime
+    name = next((p.value for p in model.metadata_props if p.key == KEEP_KEY), None)
+    found = [t for t in model.graph.initializer if t.name == name] if name else []
+    if len(found) != 1 or any(i.name == name for i in model.graph.input):
+        return None
+    found[0].CopyFrom(numpy_helper.from_array(np.asarray(1, np.int64), name))
+    return model.SerializeToString()
+
+
+def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None, spin: bool = False, *, last_logits_only: bool = False):
     """An InferenceSession that really runs on `providers` (default CPU). ONNX Runtime quietly falls back to
-    CPU when e.g. CUDA libraries are missing; here that is an error naming what was asked and what was got."""
+    CPU when e.g. CUDA libraries are missing; here that is an error naming what was asked and what was got.
+    `last_logits_only`: load a graph written by `compress export` so that each run returns the last position's
+    logits only (`session.compress_last_logits_only` says whether that applied)."""
     ort = _ort()
     providers = list(providers or ["CPUExecutionProvider"])
     wanted = [p if isinstance(p, str) else p[0] for p in providers]
@@ -70,8 +91,12 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             f"ONNX Runtime here offers {available}, not {missing}; for CUDA install onnxruntime-gpu "
             "(pip install 'compress-llm[onnx-gpu]', after uninstalling onnxruntime) with its CUDA and cuDNN libraries"
         )
+    options = session_options(threads, spin)
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin), providers=providers)
+        source = _last_logits_model(Path(path)) if last_logits_only else None
+        if source is not None:  # bytes: external data is found relative to the file's folder
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        session = ort.InferenceSession(str(path) if source is None else source, sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception only
         raise RuntimeLoadError(
             f"ONNX Runtime cannot load {path}: {_reason(err)}. The file is damaged or not an ONNX model "
@@ -83,6 +108,7 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
             f"asked for {wanted} but the session runs on {session.get_providers()}: {lost} failed to initialise "
             "(for CUDA: check that the CUDA and cuDNN versions onnxruntime-gpu was built for are installed)"
         )
+    session.compress_last_logits_only = source is not None
     return session
 
 
@@ -143,8 +169,8 @@ class OnnxCausalLM:
         if not self._past or not {"input_ids", "attention_mask"} <= set(inputs):
             raise RuntimeLoadError(f"{directory or 'the model'} lacks the inputs of a KV-cache decoder (input_ids, attention_mask, past_key_values.*)")
         self._has_positions = "position_ids" in inputs
-        # The fused graph's optional input (an overridable initializer): prefill computes the last logits only.
-        self._keeps_last = "num_logits_to_keep" in {i.name for i in session.get_overridable_initializers()} | set(inputs)
+        # A fused graph loaded by create_session(last_logits_only=True): a prefill computes the last logits only.
+        self._keeps_last = bool(getattr(session, "compress_last_logits_only", False))
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
         self._past_shape = {n: inputs[n].shape for n in self._past}
         self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
@@ -176,7 +202,7 @@ class OnnxCausalLM:
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise RuntimeLoadError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-export the folder with `compress export`") from None
         eos, context = _read_eos_and_context(directory)
-        return cls(create_session(model, providers, threads, spin), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
+        return cls(create_session(model, providers, threads, spin, last_logits_only=True), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
 
     def _kv_dims(self, name: str) -> tuple:
         """(batch, kv_heads, length, head_dim) of a past input; symbolic head counts or sizes (some graphs name
@@ -264,14 +290,11 @@ class OnnxCausalLM:
         # Bindings persist between runs. A CPU OrtValue made from a numpy array reads and writes that array's
         # memory, so the decode inputs (one token, its position) are bound once and then only overwritten, the
         # mask is a view of one preallocated row of ones, and every run that yields one position's logits (a
-        # decode step, or any run of a graph with num_logits_to_keep) writes them into one bound (1, 1, vocab)
+        # decode step, or any run of a graph loaded for the last logits only) writes them into one bound (1, 1, vocab)
         # array. With a shared cache a decode step then crosses from Python to ONNX Runtime once, with nothing
         # allocated or copied around it. Outputs come back in the order of first binding: logits first.
         logits = _Logits(self, binding)
         cache.bind(binding)
-        keep = np.asarray(1, np.int64)  # the arrays behind bound OrtValues live as long as the loop
-        if self._keeps_last:  # bind_cpu_input cannot find an overridable initializer; an OrtValue binds
-            binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep))
         ones = np.ones((1, n + budget), np.int64)
         done = self._prefill_chunks(binding, prompt_ids, ones, logits) if self.kv_shareable else 0
         tokens = np.asarray([prompt_ids[done:]], np.int64)
@@ -315,7 +338,7 @@ class OnnxCausalLM:
 
 class _Logits:
     """Where a run writes its logits: one preallocated (1, 1, vocab) array, bound once, for runs that return a
-    single position (one input token, or num_logits_to_keep); otherwise an output ONNX Runtime allocates."""
+    single position (one input token, or a graph loaded for the last logits only); otherwise an output ONNX Runtime allocates."""
 
     def __init__(self, lm: "OnnxCausalLM", binding):
         output = lm.session.get_outputs()[0]

@@ -244,3 +244,33 @@ def test_onnxruntime_genai_runs_the_int4_folder_with_the_8_bit_embedding(tmp_pat
     assert ops(result.artifact)["GatherBlockQuantized"] == 1
     lm = OnnxCausalLM.from_dir(result.artifact, threads=1)
     assert genai_greedy(result.artifact, PROMPTS[0], 10) == lm.generate(PROMPTS[0], max_new_tokens=10, stop_tokens=[]).token_ids
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_exported_folder_loads_without_a_warning_and_the_runtime_keeps_the_last_logits(tmp_path, fused_model, weights):
+    """ONNX Runtime at its default log level says nothing when a plain app loads the folder (an initializer that
+    is also a graph input made it warn at every load); the graph as written gives every position's logits,
+    the runtime's copy only the last position's, the same numbers."""
+    import subprocess
+    import sys
+
+    from compress_exporters.runtime import OnnxCausalLM
+
+    folder = export_onnx(fused_model("llama"), tmp_path / "onnx", weights=weights).artifact
+    load = "import onnxruntime as ort; ort.InferenceSession(r'%s', providers=['CPUExecutionProvider'])" % (folder / "model.onnx")
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "onnxruntime" not in proc.stderr + proc.stdout, proc.stderr
+    model = onnx.load(str(folder / "model.onnx"))
+    assert "num_logits_to_keep" not in {i.name for i in model.graph.input}
+
+    lm = OnnxCausalLM.from_dir(folder)
+    assert lm._keeps_last
+    plain = create_session(folder / "model.onnx")
+    assert not plain.compress_last_logits_only
+    ids = np.asarray([PROMPTS[0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    feeds.update({n: np.zeros((1, *lm._kv_dims(n)[1:2], 0, lm._kv_dims(n)[3]), np.float32) for n in lm._past})
+    every = plain.run(["logits"], feeds)[0]
+    last = lm.session.run(["logits"], feeds)[0]
+    assert every.shape[1] == ids.shape[1] and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5)

@@ -25,7 +25,9 @@ build() {  # build NAME REQUIREMENT...
 }
 
 # transformers 4.x: the line optimum-onnx pins (transformers<4.58); the oldest we support (compress.portable).
-build tf4 torch==2.13.0 transformers==4.57.6 safetensors
+# The ONNX peers live here too: optimum-onnx's ORTModelForCausalLM needs this transformers line, and
+# onnxruntime-genai 0.18 runs on the same onnxruntime (1.32) as the project.
+build tf4 torch==2.13.0 transformers==4.57.6 safetensors 'optimum-onnx[onnxruntime]==0.1.0' onnxruntime-genai==0.18.0
 # GPTQModel 7.6 (the maintained successor of auto-gptq; 7.7 needs torch>=2.14.1): loads our GPTQ folders with
 # its default CPU kernel, which refuses groups that do not divide a layer's width.
 build gptqmodel torch==2.13.0 gptqmodel==7.6.0
