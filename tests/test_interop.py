@@ -109,6 +109,33 @@ def test_tokenizer_config_names_a_class_both_lines_know_and_no_machine_fields(tm
     assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gptq_config_is_accepted_by_transformers_gptq_config(tmp_path, tokenizer_dir, text_files, method):
+    """transformers' GPTQConfig (which optimum and GPTQModel mirror) refuses damp_percent outside (0, 1): an RTN
+    checkpoint wrote 0.0 and could not be loaded through transformers at all. Both format keys are written."""
+    import warnings
+
+    from transformers import GPTQConfig
+
+    from compress.quantize.stage import run_quantize
+    from compress.recipe import validate_recipe
+
+    teacher = save_tiny(tmp_path / "float", "llama", tokenizer_dir, layers=2)
+    recipe = validate_recipe({
+        "data": {"train": str(text_files["train"]), "eval": str(text_files["eval"]), "seq_len": 32, "max_eval_tokens": 128, "cache_dir": str(tmp_path / "cache")},
+        "quantize": {"method": method, "bits": 4, **({"calib": {"source": str(text_files["train"]), "samples": 4, "seq_len": 32}} if method == "gptq" else {})},
+    })
+    folder = run_quantize(recipe, str(teacher), tmp_path / "q", progress=False).artifact
+    written = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert written["format"] == written["checkpoint_format"] == "gptq" and written["act_group_aware"] is False
+    assert ("damp_percent" in written) == (method == "gptq")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = GPTQConfig.from_dict(dict(written))
+    assert (config.bits, config.group_size, config.sym) == (written["bits"], written["group_size"], written["sym"])
+    assert not [w for w in caught if "act_group_aware" in str(w.message)]
+
+
 def _tiny(tmp_path: Path, tokenizer_dir: Path, family: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

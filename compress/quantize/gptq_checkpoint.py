@@ -19,11 +19,19 @@ from compress.quantize.packing import PackedGPTQ, dequantize_packed, pack
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: bool, damp: float, static_groups: bool, modules: list[str]) -> dict:
-    """The `quantization_config` block of config.json as transformers/optimum and GPTQModel read it."""
-    return {
+def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: bool, damp: float | None, static_groups: bool, modules: list[str]) -> dict:
+    """The `quantization_config` block of config.json as transformers/optimum, GPTQModel and vLLM read it.
+
+    Checked against their loaders: vLLM reads `checkpoint_format` (only "gptq_v2" changes anything: zeros stored
+    without the v1 minus one) and GPTQModel/transformers `format`, so both are written, "gptq" (v1, what
+    `packing.pack` stores). transformers' and GPTQModel's configs refuse a `damp_percent` outside (0, 1), so
+    round-to-nearest (`damp=None`, no Hessian) writes none. `act_group_aware: false` says the groups are the
+    plain GPTQ ones (GPTQModel and transformers warn about act-order checkpoints without it).
+    """
+    config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
+        "format": "gptq",
         "bits": bits,
         "group_size": group_size,
         "desc_act": act_order,
@@ -31,10 +39,14 @@ def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: boo
         "damp_percent": damp,
         "static_groups": static_groups,
         "true_sequential": False,
+        "act_group_aware": False,
         "lm_head": False,
         "pack_dtype": "int32",
         "meta": {"quantizer": ["compress"], "quantized_modules": len(modules)},
     }
+    if damp is None:
+        del config["damp_percent"]
+    return config
 
 
 def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult], qconfig: dict, tokenizer=None) -> None:

@@ -159,7 +159,7 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             quantize_time = time.perf_counter() - t0
             qconfig = quantization_config(
                 bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-                act_order=getattr(spec, "act_order", False), damp=getattr(spec, "damp", 0.0),
+                act_order=getattr(spec, "act_order", False), damp=getattr(spec, "damp", None),
                 static_groups=getattr(spec, "static_groups", False), modules=list(results),
             )
             qconfig["true_sequential"] = getattr(spec, "true_sequential", False)
