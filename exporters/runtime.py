@@ -67,7 +67,10 @@ def _last_logits_model(path: Path):
         from onnx import numpy_helper
     except ImportError:
         return None
-    model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk, read by ONNX Runtime
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk, read by ONNX Runtime
+    except Exception:  # a damaged file: ONNX Runtime loads it as it is and names what is wrong
+        return None
     name = next((p.value for p in model.metadata_props if p.key == KEEP_KEY), None)
     found = [t for t in model.graph.initializer if t.name == name] if name else []
     if len(found) != 1 or any(i.name == name for i in model.graph.input):
