@@ -50,7 +50,7 @@ class OnnxVariant:
     def __init__(self, name: str, path: Path, threads: int, spin: bool, share_kv: bool | None = None):
         from compress_exporters.runtime import OnnxCausalLM
 
-        self.name, self.path, self.threads, self._every_position = name, Path(path), threads, None
+        self.name, self.path = name, Path(path)
         self.lm = OnnxCausalLM.from_dir(path, threads=threads, share_kv=share_kv, spin=spin)
 
     def prefill(self, ids: list[int]) -> float:
@@ -60,18 +60,7 @@ class OnnxVariant:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Every position's logits of one prefill (an empty past, no shared buffer)."""
-        lm = self.lm
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        if lm._has_positions:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-        for name in lm._past:
-            _, heads, _, dim = lm._kv_dims(name)
-            feeds[name] = np.zeros((1, heads, 0, dim), lm._past_dtype[name])
-        if self._every_position is None:  # the graph as written: the runtime's session keeps the last logits only
-            from compress_exporters.runtime import create_session
-
-            self._every_position = create_session(self.path / "model.onnx", threads=self.threads)
-        return self._every_position.run(["logits"], feeds)[0][0]
+        return self.lm.forward([ids], every_position=True)[0][0]
 
     def decode(self, ids: list[int], n: int) -> float:
         stream = self.lm._token_stream(ids, n + 1, _argmax)

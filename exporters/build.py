@@ -91,7 +91,7 @@ def load_reference(source: Source):
     from torch import nn
 
     from compress.quantize.gptq_checkpoint import GPTQLinear
-    from compress.quantize.packing import PackedGPTQ, unpack
+    from compress.quantize.packing import unpack
     from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
     from compress_exporters.weights import weight_key
 
@@ -100,7 +100,7 @@ def load_reference(source: Source):
     for name, module in list(model.named_modules()):
         if not isinstance(module, GPTQLinear):
             continue
-        codes, zeros = unpack(PackedGPTQ(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits))
+        codes, zeros = unpack(module.packed())
         try:
             packed = from_gptq(codes.numpy(), module.scales.float().numpy(), zeros.numpy(), module.g_idx.numpy(), module.bits)
         except UnmappableGroupsError as err:

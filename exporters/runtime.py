@@ -182,6 +182,8 @@ class OnnxCausalLM:
         marked = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == "gqa-shareable"
         self.kv_shareable = marked if share_kv is None else bool(share_kv)
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per run before the last chunk (shared-cache graphs); 0 = one run
+        self._load = None  # (path, providers, threads, spin) when loaded by from_dir: the every-position session is made on demand
+        self._every_position = None
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None, threads: int | None = None, share_kv: bool | None = None, spin: bool = False) -> "OnnxCausalLM":
@@ -205,7 +207,9 @@ class OnnxCausalLM:
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise RuntimeLoadError(f"{path} is not readable JSON ({err}); it is truncated or corrupt: re-export the folder with `compress export`") from None
         eos, context = _read_eos_and_context(directory)
-        return cls(create_session(model, providers, threads, spin, last_logits_only=True), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
+        lm = cls(create_session(model, providers, threads, spin, last_logits_only=True), tokenizer, eos_ids=eos, context_length=context, directory=directory, share_kv=share_kv)
+        lm._load = (model, providers, threads, spin)
+        return lm
 
     def _kv_dims(self, name: str) -> tuple:
         """(batch, kv_heads, length, head_dim) of a past input; symbolic head counts or sizes (some graphs name
@@ -215,6 +219,41 @@ class OnnxCausalLM:
             decoder = json.loads((Path(self.directory or ".") / "genai_config.json").read_text())["model"]["decoder"]
             shape[1], shape[3] = decoder["num_key_value_heads"], decoder["head_size"]
         return tuple(shape)
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """An empty KV cache (length 0) for a first run of `batch` rows."""
+        dims = {n: self._kv_dims(n) for n in self._past}
+        return {n: np.zeros((batch, d[1], 0, d[3]), self._past_dtype[n]) for n, d in dims.items()}
+
+    def forward(self, input_ids, attention_mask=None, past: dict | None = None, *, every_position: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One plain run (no IO binding, no shared buffer): `input_ids` (batch, new), `attention_mask` (batch,
+        past + new; default all ones, 0 = a left pad), `past` a returned cache (default empty). Positions follow
+        the mask, as transformers and optimum number them. Returns (logits, present): logits (batch, 1, vocab) for
+        a graph loaded for the last logits only, else (batch, new, vocab); `every_position=True` always returns
+        every position's, from the graph as written (a second session, made on first use)."""
+        ids = np.asarray(input_ids, np.int64)
+        batch, new = ids.shape
+        past = self.empty_past(batch) if past is None else past
+        past_len = next(iter(past.values())).shape[2]
+        mask = np.ones((batch, past_len + new), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if mask.shape != (batch, past_len + new):
+            raise ValueError(f"attention_mask has shape {mask.shape}; expected (batch, past + new) = {(batch, past_len + new)}")
+        feeds = {"input_ids": ids, "attention_mask": mask, **past}
+        if self._has_positions:
+            feeds["position_ids"] = np.clip(mask.cumsum(-1) - 1, 0, None)[:, past_len:]
+        session = self.session
+        if every_position and self._keeps_last:
+            session = self._every_position_session()
+        logits, *present = session.run(self._outputs, feeds)
+        return logits, dict(zip(self._past, present))
+
+    def _every_position_session(self):
+        if self._every_position is None:
+            if self._load is None:
+                raise RuntimeLoadError("this session was loaded for the last logits only; load the folder with OnnxCausalLM.from_dir for every position's logits")
+            path, providers, threads, spin = self._load
+            self._every_position = create_session(path, providers, threads, spin)
+        return self._every_position
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)

@@ -51,8 +51,36 @@ def test_fused_fp32_matches_torch_on_a_padded_batch(tmp_path, fused_model, famil
     comparison = compare_with_torch(create_session(result.artifact / "model.onnx"), model, PROMPTS, decode_steps=6)
     assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0, comparison
     assert comparison.decode_max_abs_diff < 1e-4
+    # each prompt alone gives the batch's numbers (left padding masked, not attended)
+    assert comparison.batch_max_abs_diff < 1e-5 and comparison.batch_top1_agreement == 1.0, comparison
+    assert result.validation["batch_max_abs_diff"] < 1e-5  # recorded in compress.json
     genai = json.loads((result.artifact / "genai_config.json").read_text())
     assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention updates the buffer in place
+
+
+def test_batch_check_sees_a_graph_that_attends_to_left_padding(tmp_path, fused_model):
+    """The batch-vs-alone comparison must catch padding that leaks into the answer: the same folder run as if
+    every pad were a token (mask all ones) agrees with itself alone far worse than the real graph."""
+    from transformers import AutoModelForCausalLM
+
+    src = fused_model("llama")
+    session = create_session(export_onnx(src, tmp_path / "onnx").artifact / "model.onnx")
+
+    class PadsAttended:  # what a graph that ignores attention_mask computes
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def run(self, names, feeds):
+            return self.inner.run(names, {**feeds, "attention_mask": np.ones_like(feeds["attention_mask"]), "position_ids": np.broadcast_to(np.arange(feeds["attention_mask"].shape[1])[-feeds["input_ids"].shape[1]:], feeds["input_ids"].shape).copy()})
+
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    good = compare_with_torch(session, model, PROMPTS)
+    leaky = compare_with_torch(PadsAttended(session), model, PROMPTS)
+    assert good.batch_max_abs_diff < 1e-5
+    assert leaky.batch_max_abs_diff > 1e-2 and leaky.batch_top1_agreement < 1.0, leaky
 
 
 def test_fused_graph_ignores_nothing_the_torch_model_reads(tmp_path, fused_model, monkeypatch):
@@ -265,12 +293,9 @@ def test_exported_folder_loads_without_a_warning_and_the_runtime_keeps_the_last_
 
     lm = OnnxCausalLM.from_dir(folder)
     assert lm._keeps_last
-    plain = create_session(folder / "model.onnx")
-    assert not plain.compress_last_logits_only
+    assert not create_session(folder / "model.onnx").compress_last_logits_only
     ids = np.asarray([PROMPTS[0]], np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-    feeds.update({n: np.zeros((1, *lm._kv_dims(n)[1:2], 0, lm._kv_dims(n)[3]), np.float32) for n in lm._past})
-    every = plain.run(["logits"], feeds)[0]
-    last = lm.session.run(["logits"], feeds)[0]
+    every, _ = lm.forward(ids, every_position=True)  # the graph as written
+    last, _ = lm.forward(ids)
     assert every.shape[1] == ids.shape[1] and last.shape[1] == 1
     np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""GPTQ v1 checkpoint packing: exact round trips, the int32 layout, and the zero - 1 convention."""
+"""GPTQ checkpoint packing: exact round trips, the int32 layout, the v1 zero - 1 convention and v2 true zeros."""
 from __future__ import annotations
 
 import pytest
@@ -33,6 +33,19 @@ def test_round_trip_is_bit_exact(bits, sym, group_size, cols):
     assert torch.equal(codes, r.codes) and torch.equal(zeros, r.zeros)
     assert torch.equal(p.g_idx, r.g_idx) and torch.equal(p.scales.float(), r.scales)
     assert torch.equal(dequantize_packed(p), r.Q)
+
+
+def test_v2_stores_true_zeros_and_round_trips_a_zero_of_zero():
+    """gptq_v2 (what asymmetric grids are written as): each field holds the zero itself, including 0, which v1
+    can only store as maxq (read back as 2**bits by kernels that add one without masking)."""
+    codes = torch.randint(0, 16, (8, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    zeros = torch.tensor([[0, 1, 4, 15, 5, 9, 0, 6]])
+    v2, v1 = pack(hand_result(codes, zeros, 4), v2=True), pack(hand_result(codes, zeros, 4))
+    assert v2.v2 and not v1.v2 and torch.equal(v2.qweight, v1.qweight)
+    assert v2.qzeros.tolist() == [[0x6095F410]]  # 0,1,4,15,5,9,0,6 from the lowest nibble up
+    assert torch.equal(unpack(v2)[1], zeros.to(torch.int32)) and torch.equal(dequantize_packed(v2), dequantize_packed(v1))
+    # read as v1, the same words give other zeros: the format flag is what makes them right
+    assert not torch.equal(unpack(type(v2)(v2.qweight, v2.qzeros, v2.scales, v2.g_idx, 4))[1], zeros.to(torch.int32))
 
 
 def test_round_trip_in_bf16():

@@ -27,9 +27,9 @@ def make_recipe(tmp_path, text_files, **quantize):
     })
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, text_files, act_order):
-    recipe = make_recipe(tmp_path, text_files, act_order=act_order)
+@pytest.mark.parametrize("act_order,sym", [(False, True), (True, True), (True, False)], ids=["sym", "sym-act_order", "asym-act_order"])
+def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, text_files, act_order, sym):
+    recipe = make_recipe(tmp_path, text_files, act_order=act_order, sym=sym)
     result = run_quantize(recipe, str(wide_llama), tmp_path / "q", progress=False)
 
     # The fake-quantized model (weights replaced in memory) is what the checkpoint must reproduce.
@@ -38,7 +38,7 @@ def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, te
 
     calib, _ = calibration_blocks(recipe, recipe.quantize, AutoTokenizer.from_pretrained(wide_llama))
     spec = recipe.quantize
-    quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, true_sequential=spec.true_sequential)
+    quantize_blocks(model, calib, QuantGrid(4, sym), method="gptq", group_size=32, skip=("lm_head",), act_order=act_order, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, true_sequential=spec.true_sequential)
     reloaded = load_gptq(result.artifact)
     assert sum(isinstance(m, GPTQLinear) for m in reloaded.modules()) == 4 * 7
     ids = torch.randint(0, 300, (2, 24))
@@ -54,6 +54,8 @@ def test_gptq_end_to_end_reloads_and_matches_fake_quant(tmp_path, wide_llama, te
     assert len(record["layers"]) == 28 and all(l["output_error"] is not None for l in record["layers"])
     config = json.loads((result.artifact / "config.json").read_text())
     assert config["quantization_config"]["desc_act"] is act_order and config["quantization_config"]["bits"] == 4
+    # asymmetric zeros are stored as they are (gptq_v2): v1's zero - 1 cannot hold a zero of 0
+    assert config["quantization_config"]["checkpoint_format"] == config["quantization_config"]["format"] == ("gptq" if sym else "gptq_v2")
     with safe_open(str(result.artifact / "model.safetensors"), "pt") as fh:
         keys = set(fh.keys())
     assert "model.layers.0.self_attn.q_proj.qweight" in keys and "model.layers.0.self_attn.q_proj.weight" not in keys

@@ -176,34 +176,13 @@ class OnnxSubject:
         # batches and full-sequence logits through plain runs of the same session, with the inputs it found
         self.lm = OnnxCausalLM.from_dir(info.path, providers=providers, threads=threads)
         self.provider = providers[0]
-        self._providers, self._threads, self._path = providers, threads, info.path
-        self._every_position = None  # the graph as written (logits at every position), loaded for quality only
 
-    def _run(self, ids: np.ndarray, past: dict, past_len: int, every_position: bool = False):
-        """One run; the runtime's session returns the last position's logits only (a fused graph), the graph
-        as written every position's."""
-        batch, seq = ids.shape
-        lm = self.lm
-        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + seq), np.int64), **past}
-        if lm._has_positions:
-            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
-        session = lm.session
-        if every_position and lm._keeps_last:
-            if self._every_position is None:
-                from compress_exporters.runtime import create_session
-
-                self._every_position = create_session(Path(self._path) / "model.onnx", self._providers, self._threads)
-            session = self._every_position
-        logits, *present = session.run(lm._outputs, feeds)
-        return logits, dict(zip(lm._past, present))
-
-    def _empty_past(self, batch: int) -> dict:
-        dims = {n: self.lm._kv_dims(n) for n in self.lm._past}
-        return {n: np.zeros((batch, d[1], 0, d[3]), self.lm._past_dtype[n]) for n, d in dims.items()}
+    def _run(self, ids: np.ndarray, past: dict, past_len: int):
+        """One run; the runtime's session returns the last position's logits only (a fused graph)."""
+        return self.lm.forward(ids, np.ones((len(ids), past_len + ids.shape[1]), np.int64), past)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        array = ids.numpy().astype(np.int64)
-        logits, _ = self._run(array, self._empty_past(len(array)), 0, every_position=True)
+        logits, _ = self.lm.forward(ids.numpy().astype(np.int64), every_position=True)
         return torch.from_numpy(logits.astype(np.float32))
 
     def time_prefill(self, ids: torch.Tensor) -> float:
@@ -227,7 +206,7 @@ class OnnxSubject:
 
     def prefill(self, ids: torch.Tensor):
         array = ids.numpy().astype(np.int64)
-        logits, past = self._run(array, self._empty_past(len(array)), 0)
+        logits, past = self._run(array, self.lm.empty_past(len(array)), 0)
         return past, array.shape[1], logits[:, -1:].argmax(-1).astype(np.int64)
 
     def step(self, state):

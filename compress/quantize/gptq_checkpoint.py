@@ -23,15 +23,17 @@ def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: boo
     """The `quantization_config` block of config.json as transformers/optimum, GPTQModel and vLLM read it.
 
     Checked against their loaders: vLLM reads `checkpoint_format` (only "gptq_v2" changes anything: zeros stored
-    without the v1 minus one) and GPTQModel/transformers `format`, so both are written, "gptq" (v1, what
-    `packing.pack` stores). transformers' and GPTQModel's configs refuse a `damp_percent` outside (0, 1), so
+    without the v1 minus one) and GPTQModel/transformers `format`, so both are written: "gptq" (v1) for a
+    symmetric grid, "gptq_v2" for an asymmetric one (GPTQModel refuses asym v1 from other quantizers, and v1
+    cannot store a zero of 0; see packing.py). transformers' and GPTQModel's configs refuse a `damp_percent` outside (0, 1), so
     round-to-nearest (`damp=None`, no Hessian) writes none. `act_group_aware: false` says the groups are the
     plain GPTQ ones (GPTQModel and transformers warn about act-order checkpoints without it).
     """
+    fmt = checkpoint_format(sym)
     config = {
         "quant_method": "gptq",
-        "checkpoint_format": "gptq",
-        "format": "gptq",
+        "checkpoint_format": fmt,
+        "format": fmt,
         "bits": bits,
         "group_size": group_size,
         "desc_act": act_order,
@@ -49,6 +51,13 @@ def quantization_config(*, bits: int, group_size: int, sym: bool, act_order: boo
     return config
 
 
+def checkpoint_format(sym: bool) -> str:
+    return "gptq" if sym else "gptq_v2"
+
+
+FORMATS = ("gptq", "gptq_v2")
+
+
 def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult], qconfig: dict, tokenizer=None) -> None:
     """Model files in `directory`: float tensors of unquantized modules + packed tensors of quantized ones."""
     state = {}
@@ -60,8 +69,9 @@ def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult
     if getattr(model.config, "tie_word_embeddings", False):
         # safetensors refuses shared storage; loaders re-tie the head to the embedding.
         state.pop(_head_key(model), None)
+    v2 = qconfig.get("checkpoint_format") == "gptq_v2"
     for name, result in results.items():
-        packed = pack(result)
+        packed = pack(result, v2=v2)
         state[f"{name}.qweight"] = packed.qweight
         state[f"{name}.qzeros"] = packed.qzeros
         state[f"{name}.scales"] = packed.scales
@@ -112,9 +122,10 @@ class GPTQLinear(nn.Module):
     `cache=True` keeps the dequantized weight after the first forward (fast on CPU, float memory);
     `cache=False` dequantizes at every call (int4 memory, slower)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, bias: bool, *, transposed: bool = False, cache: bool = True):
+    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int, bias: bool, *, transposed: bool = False, cache: bool = True, v2: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.v2 = v2  # qzeros hold the true zeros (checkpoint_format gptq_v2), not zero - 1
         self.transposed = transposed  # GPT-2 Conv1D semantics are kept: y = x W + b with W (in, out)
         self.cache = cache
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
@@ -126,8 +137,10 @@ class GPTQLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) float weight."""
-        packed = PackedGPTQ(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        return dequantize_packed(packed, dtype=dtype)
+        return dequantize_packed(self.packed(), dtype=dtype)
+
+    def packed(self) -> PackedGPTQ:
+        return PackedGPTQ(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self._weight
@@ -148,7 +161,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cache: bool = True) -> nn.Module:
-    """Our loader for GPTQ checkpoints (ours or GPTQModel's v1 format): plain torch, CPU or CUDA."""
+    """Our loader for GPTQ checkpoints (ours, or GPTQModel's v1 and v2 formats): plain torch, CPU or CUDA."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -157,8 +170,9 @@ def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cach
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     if qconfig.get("quant_method") != "gptq":
         raise ValueError(f"{directory}: not a GPTQ checkpoint (quant_method={qconfig.get('quant_method')!r})")
-    if qconfig.get("checkpoint_format", "gptq") != "gptq":
-        raise ValueError(f"{directory}: checkpoint_format {qconfig.get('checkpoint_format')!r} is not supported; expected 'gptq' (v1)")
+    fmt = qconfig.get("checkpoint_format") or qconfig.get("format") or "gptq"
+    if fmt not in FORMATS:
+        raise ValueError(f"{directory}: checkpoint_format {fmt!r} is not supported; expected 'gptq' (v1) or 'gptq_v2'")
     del config.quantization_config
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -176,7 +190,7 @@ def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cach
         old = model.get_submodule(name)
         transposed = isinstance(old, conv1d)
         in_f, out_f = (old.weight.shape if transposed else old.weight.shape[::-1])
-        layer = GPTQLinear(in_f, out_f, bits, tensors[f"{name}.scales"].shape[0], bias=f"{name}.bias" in tensors, transposed=transposed, cache=cache)
+        layer = GPTQLinear(in_f, out_f, bits, tensors[f"{name}.scales"].shape[0], bias=f"{name}.bias" in tensors, transposed=transposed, cache=cache, v2=fmt == "gptq_v2")
         _set_module(model, name, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {k for k in missing if k.endswith("weight") and getattr(config, "tie_word_embeddings", False) and k == _head_key(model)}

@@ -1,5 +1,6 @@
-"""The GPTQ checkpoint tensors (checkpoint_format "gptq", v1) that auto-gptq, GPTQModel,
-transformers/optimum and vLLM load: qweight, qzeros, scales, g_idx, and their exact inverse."""
+"""The GPTQ checkpoint tensors that auto-gptq, GPTQModel, transformers/optimum and vLLM load: qweight, qzeros,
+scales, g_idx, and their exact inverse. checkpoint_format "gptq" (v1, zeros stored minus one) for symmetric
+grids, "gptq_v2" (true zeros) for asymmetric ones, whose zero of 0 v1 cannot hold."""
 
 from __future__ import annotations
 
@@ -29,17 +30,21 @@ _MASK32 = (1 << 32) - 1
 # fields, shift them in logical space, then repack", `(zeros + delta) & ((1 << bits) - 1)`).
 # We store (zero - 1) mod 2**bits per field, which equals GPTQModel's word subtraction whenever
 # zero >= 1: always for sym (zero 2**(bits-1): 4-bit qzeros are 0x77777777) and for most asym groups.
-# An asym zero of 0 is not representable in v1: it is stored as maxq, which GPTQModel's field-wise
-# path (and our unpack) reads back as 0 but legacy kernels that add 1 without masking read as 2**bits.
+# An asym zero of 0 is not representable in v1: it is stored as maxq, which legacy kernels that add 1
+# without masking read as 2**bits, and GPTQModel 7.6 refuses asym v1 checkpoints not written by itself
+# ("Loading of a sym=False model with format=FORMAT.GPTQ is only supported if produced by gptqmodel
+# version >= 0.9.0"). So asym grids are written as v2 (`pack(v2=True)`):
+# the true zeros, which GPTQModel and vLLM (checkpoint_format "gptq_v2") read as they are.
 
 
 @dataclass(frozen=True)
 class PackedGPTQ:
     qweight: Tensor  # int32 (cols * bits // 32, rows), packed along the input dim
-    qzeros: Tensor  # int32 (n_groups, rows * bits // 32), v1: each field holds zero - 1
+    qzeros: Tensor  # int32 (n_groups, rows * bits // 32), v1: each field holds zero - 1; v2: the zero
     scales: Tensor  # float16 (n_groups, rows)
     g_idx: Tensor  # int32 (cols,)
     bits: int
+    v2: bool = False  # checkpoint_format "gptq_v2"
 
 
 def _to_int32(words: Tensor) -> Tensor:
@@ -98,25 +103,28 @@ def _check_packable(result: QuantResult) -> None:
             raise ValueError(f"{name} must lie in [0, {result.grid.maxq}] for {bits}-bit packing")
 
 
-def pack(result: QuantResult) -> PackedGPTQ:
-    """The v1 checkpoint tensors of a quantized weight (moved to CPU). Scales are stored in float16;
-    gptq/rtn already round them to fp16, so dequantize_packed reproduces result.Q bit-exactly."""
+def pack(result: QuantResult, *, v2: bool = False) -> PackedGPTQ:
+    """The checkpoint tensors of a quantized weight (moved to CPU), v1 or (`v2`) gptq_v2. Scales are stored in
+    float16; gptq/rtn already round them to fp16, so dequantize_packed reproduces result.Q bit-exactly."""
     _check_packable(result)
     bits, maxq = result.grid.bits, result.grid.maxq
     codes = result.codes.detach().cpu()  # (rows, cols)
     zeros = result.zeros.detach().cpu().to(torch.int64)  # (n_groups, rows)
     qweight = _pack_dim0(codes.T, bits)  # (cols * bits // 32, rows)
-    qzeros = _pack_dim0(((zeros - 1) & maxq).T, bits).T.contiguous()  # (n_groups, rows * bits // 32)
+    stored = zeros if v2 else (zeros - 1) & maxq
+    qzeros = _pack_dim0(stored.T, bits).T.contiguous()  # (n_groups, rows * bits // 32)
     scales = result.scales.detach().cpu().to(torch.float16)  # (n_groups, rows)
     g_idx = result.g_idx.detach().cpu().to(torch.int32)
-    return PackedGPTQ(qweight, qzeros, scales, g_idx, bits)
+    return PackedGPTQ(qweight, qzeros, scales, g_idx, bits, v2)
 
 
 def unpack(packed: PackedGPTQ) -> tuple[Tensor, Tensor]:
     """codes (rows, cols) int32 and the true (v1 offset removed) zeros (n_groups, rows) int32."""
     bits, maxq = packed.bits, 2**packed.bits - 1
     codes = _unpack_dim0(packed.qweight, bits).T.contiguous()  # (rows, cols)
-    zeros = (_unpack_dim0(packed.qzeros.T, bits).T + 1) & maxq  # (n_groups, rows)
+    zeros = _unpack_dim0(packed.qzeros.T, bits).T  # (n_groups, rows)
+    if not packed.v2:
+        zeros = (zeros + 1) & maxq
     return codes, zeros.contiguous()
 
 
