@@ -39,7 +39,14 @@ from compress_exporters.validation import DEFAULT_PROMPTS  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 DOMAINS = {"pydocs": "builtin:pydocs/eval", "licenses": "builtin:licenses/eval"}
-LEVELS = (0, 4)
+# name -> (source: "gptq" or "float", accuracy_level passed to export_onnx; None = the default)
+VARIANTS = {
+    "gptq-int4-default": ("gptq", None),
+    "gptq-int4-L4": ("gptq", 4),
+    "gptq-int4-L0": ("gptq", 0),
+    "rtn-int4-default": ("float", None),
+    "rtn-int4-L4": ("float", 4),
+}
 BATCH_LENGTHS = (96, 57, 128, 20)  # prompt lengths of the batch-invariance rows (unequal: left padding)
 
 
@@ -58,21 +65,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def variants(args) -> dict[str, tuple[str, int]]:
-    """name -> (source, accuracy_level); both with the default 8-bit LM head and embedding."""
-    found = {}
-    for level in LEVELS:
-        found[f"gptq-int4-L{level}"] = (str(args.gptq), level)
-        found[f"rtn-int4-L{level}"] = (args.teacher, level)
-    return found
+def variants(args) -> dict[str, tuple[str, int | None]]:
+    """name -> (source folder, accuracy_level); all with the default 8-bit LM head and embedding."""
+    return {name: (str(args.gptq) if kind == "gptq" else args.teacher, level) for name, (kind, level) in VARIANTS.items()}
 
 
-def ensure_export(name: str, source: str, level: int, args) -> Path:
+def ensure_export(name: str, source: str, level: int | None, args) -> Path:
     from compress_exporters.onnx import export_onnx
 
     folder = args.work / name
     if not (folder / "compress.json").is_file():
-        print(f"exporting {source} -> {folder} (int4, accuracy_level {level})", flush=True)
+        print(f"exporting {source} -> {folder} (int4, accuracy_level {'default' if level is None else level})", flush=True)
         t = time.perf_counter()
         export_onnx(source, folder, weights="int4", accuracy_level=level, overwrite=True, threads=args.threads)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
@@ -197,7 +200,9 @@ def main(argv=None) -> int:
         rows[name] = {
             "source": "gptq" if own == "gptq" else "float (round-to-nearest, blocks of 32)",
             "reference": own,
-            "accuracy_level": level,
+            "accuracy_level": record["recipe"]["export"]["accuracy_level"],  # the 4-bit layers
+            "lm_head_accuracy_level": record["recipe"]["export"].get("lm_head_accuracy_level", record["recipe"]["export"]["accuracy_level"]),
+            "default": level is None,
             "validation": {k: v.get(k) for k in ("top1_agreement", "max_abs_diff", "batch_max_abs_diff", "batch_top1_agreement", "positions")},
             "quality": quality,
             "batch_invariance": batch_invariance(lm.lm._every_position_session(), data["pydocs"], args.steps),
@@ -251,7 +256,7 @@ def render(report: dict) -> str:
         "with the same argmax. Speed: batch 1 through compress_exporters.runtime, "
         f"{s['new_tokens']} tokens after a 32-token prompt and a 512-token prefill, median over {s['repeats']} rounds (variants alternating).",
         "",
-        "| variant | level | export check: top-1 / batch max diff | top-1 vs own torch (pydocs / licenses) | top-1 vs fp32 (pydocs / licenses) "
+        "| variant | level: 4-bit layers / 8-bit head | export check: top-1 / batch max diff | top-1 vs own torch (pydocs / licenses) | top-1 vs fp32 (pydocs / licenses) "
         "| ppl pydocs | ppl licenses | batch 2: max diff prefill / decode, argmax equal | batch 4: max diff prefill / decode, argmax equal | decode tok/s | prefill 512 (s) | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -262,7 +267,7 @@ def render(report: dict) -> str:
         cell = lambda k: " / ".join(f"{q[d][k]:.3f}" for d in domains)  # noqa: E731
         bcell = lambda n: f"{b[n]['prefill_max_abs_diff']:.3g} / {b[n]['decode_max_abs_diff']:.3g}, {b[n]['top1_equal']:.3f}"  # noqa: E731
         lines.append(
-            f"| {name} | {r['accuracy_level']} | {v['top1_agreement']:.3f} / {v['batch_max_abs_diff']:.3g} | {cell(f'top1_vs_{own}')} | {cell('top1_vs_fp32')} "
+            f"| {name} | {r['accuracy_level']} / {r['lm_head_accuracy_level']}{' (default)' if r.get('default') else ''} | {v['top1_agreement']:.3f} / {v['batch_max_abs_diff']:.3g} | {cell(f'top1_vs_{own}')} | {cell('top1_vs_fp32')} "
             f"| {q['pydocs']['perplexity']:.3f} | {q['licenses']['perplexity']:.3f} | {bcell('2')} | {bcell('4')} "
             f"| {r['speed']['decode_tok_s']['median']:.1f} | {r['speed']['prefill_512_s']['median']:.3f} | {min(loads):.1f}-{max(loads):.1f} |"
         )

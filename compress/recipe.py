@@ -232,7 +232,7 @@ QuantizeSpec = Annotated[Union[GPTQSpec, RTNSpec, BnbSpec], Field(discriminator=
 class ExportSpec(Spec):
     weights: Literal["fp32", "fp16", "int8", "int4"] = Field("int4", description="ONNX weight format; a GPTQ/RTN input exports with its own codes (int4 for 4-bit, int8 for 8-bit).")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the ONNX model is validated and meant to run (cuda needs onnxruntime-gpu).")
-    accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 4.")
+    accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 0 for 4-bit layers (the same logits at any batch size), 4 for 8-bit ones and the 8-bit LM head (no fp32 kernel).")
     lm_head: Literal["float", "int8"] | None = Field(None, description="LM head precision of int4/int8 exports; null = int8.")
     embedding: Literal["float", "int8"] | None = Field(None, description="Token embedding precision of int4/int8 exports: int8 = GatherBlockQuantized, reading the 8-bit LM head's own codes when the head is tied (stored once); null = as lm_head.")
     int8_method: Literal["nbits", "dynamic"] = Field("nbits", description="int8 from a float model: weight-only MatMulNBits, or ONNX Runtime's quantize_dynamic.")

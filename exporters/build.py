@@ -156,7 +156,7 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
     if lm_head == "int8" and head is not None and settings["int8_method"] != "dynamic" and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
-        proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=level, include=head_names)
+        proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=settings["lm_head_accuracy_level"], include=head_names)
     if settings["embedding"] == "int8":
         try:
             details.update(fmt.quantize_embedding(proto, fmt.find_lm_head(proto), block_size=LM_HEAD_BLOCK_SIZE))
@@ -214,10 +214,11 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
         if not validation["passed"]:
             raise ValidationFailedError(
                 f"the ONNX export ({settings['weights']} from a {source.format} model) does not match {reference}: "
-                f"max relative logit difference {comparison.max_rel_diff:.3g} (allowed {tolerance.max_rel_diff:g}), "
+                f"max relative logit difference {comparison.max_rel_diff:.3g} (allowed {_bar(tolerance.max_rel_diff)}), "
                 f"top-1 agreement {comparison.top1_agreement:.3f} (required {tolerance.min_top1:g}) over {comparison.positions} positions "
-                f"of {comparison.prompts} prompts and {comparison.decode_steps} decode steps. Nothing was written to {output}. "
-                "Try weights=fp32 to tell a format problem from an export problem, or accuracy_level=0 for int4"
+                f"of {comparison.prompts} prompts and {comparison.decode_steps} decode steps; each prompt alone vs in the batch: max relative "
+                f"difference {comparison.batch_max_rel_diff:.3g} (allowed {_bar(tolerance.max_batch_rel_diff)}). Nothing was written to {output}. "
+                "Try weights=fp32 to tell a format problem from an export problem"
             )
         tokenizer.save_pretrained(tmp)
         config = model.config.to_dict()
@@ -248,6 +249,10 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
         ).to_json()
         write_json_atomic(tmp / RECORD_FILE, record)
     return ExportResult(artifact=output, weights=settings["weights"], source_format=source.format, validation=validation, sizes=sizes, notes=tuple(notes), record=record)
+
+
+def _bar(value: float | None) -> str:
+    return "not judged" if value is None else f"{value:g}"
 
 
 def _fused_graph(model, source: Source, settings: dict, nbits: dict):

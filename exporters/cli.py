@@ -25,7 +25,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="ONNX folder to create")
     parser.add_argument("--weights", choices=WEIGHTS, default="fp32", help="weight format (default fp32; a GPTQ artifact exports as int4/int8 by its bits)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where validation runs and the model is meant to run (cuda: onnxruntime-gpu)")
-    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (default 4, faster)")
+    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (faster, but logits depend on the batch). Default: 0 for 4-bit layers, 4 for 8-bit layers and the 8-bit LM head")
     parser.add_argument("--int8-method", choices=["nbits", "dynamic"], default="nbits", help="int8: weight-only 8-bit MatMulNBits (default) or onnxruntime quantize_dynamic (int8 activations per tensor: less accurate)")
     parser.add_argument("--lm-head", choices=["float", "int8"], help="LM head precision for int8/int4 exports (default int8)")
     parser.add_argument("--embedding", choices=["float", "int8"], help="token embedding precision for int8/int4 exports (default: as --lm-head; int8 shares a tied head's 8-bit codes)")

@@ -2,6 +2,7 @@
 formats run and agree, GPTQ int4 weights are carried over bit-exactly, and bad input leaves nothing behind."""
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from compress.architectures import LAYOUTS, UnsupportedArchitectureError  # noqa
 from compress.errors import CompressError  # noqa: E402
 from compress_exporters import matmulnbits  # noqa: E402
 from compress_exporters.decoder import cache_kwarg  # noqa: E402
-from compress_exporters.onnx import ExportError, export_onnx  # noqa: E402
+from compress_exporters.onnx import TOLERANCES, ExportError, export_onnx  # noqa: E402
 from compress_exporters.runtime import ProviderUnavailableError, create_session  # noqa: E402
 from compress_exporters.validation import Tolerance, ValidationFailedError  # noqa: E402
 
@@ -175,11 +176,17 @@ def test_weight_formats_run_and_agree(tmp_path, tiny, weights, options):
         assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulInteger", 0) == 2 * 7 + 1 and "MatMulNBits" not in ops
         assert settings["accuracy_level"] is None
         return
-    level = options.get("accuracy_level", 4)
-    assert settings["accuracy_level"] == level  # recorded, and what the graph carries
+    # default: 4-bit layers at level 0 (batch-invariant), 8-bit layers and the 8-bit head at 4 (no fp32 kernel)
+    level = options.get("accuracy_level", 0 if weights == "int4" else 4)
+    head_level = None if options.get("lm_head") == "float" else options.get("accuracy_level", 4)
+    assert settings["accuracy_level"] == level and settings["lm_head_accuracy_level"] == head_level  # recorded, and what the graph carries
     model = onnx.load(str(result.artifact / "model.onnx"))
     nodes = [{a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert {n.get("accuracy_level", 0) for n in nodes} == {level}
+    assert {n.get("accuracy_level", 0) for n in nodes if n["bits"] == int(weights[3])} == {level}
+    if head_level is not None:
+        assert {n.get("accuracy_level", 0) for n in nodes if n["bits"] == 8} == {head_level}
+    if level == 0 or weights == "fp32":
+        assert v["batch_max_rel_diff"] < 5e-3 and v["tolerance"]["max_batch_rel_diff"] is not None  # judged
     head_bits = [] if options.get("lm_head") == "float" else [8]
     assert sorted(n["bits"] for n in nodes) == [int(weights[3])] * 14 + head_bits  # 7 projections x 2 layers (+ head)
 
@@ -223,12 +230,15 @@ def test_int4_from_gptq_carries_weights_exactly(tmp_path, gptq_artifact):
     assert checked == 14
 
 
-def test_int4_from_gptq_default_accuracy_level(tmp_path, gptq_artifact):
-    result = export_onnx(gptq_artifact, tmp_path / "onnx", weights="int4", exporter="legacy")  # GPTQ matching on the legacy graph too
+@pytest.mark.parametrize("level", [None, 4])
+def test_int4_from_gptq_accuracy_levels(tmp_path, gptq_artifact, level):
+    result = export_onnx(gptq_artifact, tmp_path / "onnx", weights="int4", exporter="legacy", accuracy_level=level)  # GPTQ matching on the legacy graph too
     v = result.validation
-    # int8 activations (level 4) and an 8-bit head: measured max relative diff 0.01, top-1 0.99-1.0.
+    # 8-bit head; 4-bit layers at level 0 (default) or 4 (int8 activations): measured max relative diff 0.01, top-1 0.99-1.0.
     assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
-    assert result.record["recipe"]["export"]["accuracy_level"] == 4
+    settings = result.record["recipe"]["export"]
+    assert (settings["accuracy_level"], settings["lm_head_accuracy_level"]) == ((0, 4) if level is None else (4, 4))
+    assert v["tolerance"] == asdict(TOLERANCES["int4-gptq" if level is None else "int4-gptq-level4"])
 
 
 def test_gptq_artifact_needs_its_own_format(tmp_path, gptq_artifact):

@@ -16,9 +16,9 @@ from onnx import numpy_helper  # noqa: E402
 
 from compress_exporters import matmulnbits  # noqa: E402
 from compress_exporters.graph import FUSED_FAMILIES  # noqa: E402
-from compress_exporters.onnx import ExportError, export_onnx  # noqa: E402
+from compress_exporters.onnx import TOLERANCES, ExportError, export_onnx  # noqa: E402
 from compress_exporters.runtime import create_session  # noqa: E402
-from compress_exporters.validation import compare_with_torch  # noqa: E402
+from compress_exporters.validation import Tolerance, compare_with_torch  # noqa: E402
 
 # GroupQueryAttention needs head sizes that are multiples of 16: 64 wide with 4 heads (2 KV heads).
 WIDE = dict(hidden_size=64, intermediate_size=128)
@@ -79,8 +79,10 @@ def test_batch_check_sees_a_graph_that_attends_to_left_padding(tmp_path, fused_m
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     good = compare_with_torch(session, model, PROMPTS)
     leaky = compare_with_torch(PadsAttended(session), model, PROMPTS)
-    assert good.batch_max_abs_diff < 1e-5
+    assert good.batch_max_abs_diff < 1e-5 and good.within(TOLERANCES["fp32"])
     assert leaky.batch_max_abs_diff > 1e-2 and leaky.batch_top1_agreement < 1.0, leaky
+    batch_only = lambda key: Tolerance(max_rel_diff=None, min_top1=0.0, max_batch_rel_diff=TOLERANCES[key].max_batch_rel_diff)  # noqa: E731
+    assert good.within(batch_only("fp32")) and not leaky.within(batch_only("fp32")) and not leaky.within(batch_only("int4-gptq"))
 
 
 def test_fused_graph_ignores_nothing_the_torch_model_reads(tmp_path, fused_model, monkeypatch):
@@ -150,13 +152,14 @@ def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
     assert checked == 2
 
 
-def test_fused_gptq_default_is_fast_path_and_close(tmp_path, gptq_fused):
-    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4")  # accuracy_level 4, 8-bit head
+def test_fused_gptq_default_levels_and_close(tmp_path, gptq_fused):
+    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4")  # 4-bit layers at level 0, 8-bit head at 4
     v = result.validation
     assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
+    assert v["batch_max_rel_diff"] < 1e-3 and v["batch_top1_agreement"] == 1.0
     model = onnx.load(str(result.artifact / "model.onnx"))
-    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
-    assert levels == {4}
+    levels = {(attrs["bits"], attrs.get("accuracy_level", 0)) for n in model.graph.node if n.op_type == "MatMulNBits" for attrs in [{a.name: a.i for a in n.attribute}]}
+    assert levels == {(4, 0), (8, 4)}
 
 
 def test_what_the_fused_graph_cannot_export(tmp_path, tiny_narrow, fused_model):
