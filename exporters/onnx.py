@@ -25,10 +25,11 @@ INT8_METHODS = ("nbits", "dynamic")
 NBITS_BLOCK_SIZE = 32  # float -> int4/int8: ONNX Runtime's MatMulNBits quantizer, symmetric, blocks of 32
 # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations inside the kernel (what onnxruntime-genai's
 # builder writes). Default by width, measured on the teacher (benchmarks/results/accuracy_level.md): 4-bit layers
-# at 0 give the same logits at any batch size (within 1e-4; at 4 a row's logits move by up to 2.2 with its batch
-# and 3-4% of argmax tokens change) and agree better with torch (top-1 0.98 vs 0.94 with GPTQ) for about a quarter
-# of the decode speed. 8-bit layers (the LM head, int8 exports) stay at 4: ONNX Runtime has no fp32-compute kernel
-# for 8 bits and level 0 decodes ten times slower. An explicit accuracy_level applies to every MatMulNBits.
+# at 0 give the same tokens at any batch size (logits within 0.08; at 4 a row's logits move by up to 2.2 with its
+# batch and 3-4% of argmax tokens change) and agree better with torch (GPTQ top-1 0.961 vs 0.944, perplexity
+# 21.93 vs 22.13), for a quarter of the decode speed (99 vs 133 tok/s, batch 1, 2 cores). 8-bit layers (the LM
+# head, int8 exports) stay at 4: ONNX Runtime's CPU kernels have no fp32-compute path for 8 bits, and level 0
+# decodes ten times slower (12 tok/s). An explicit accuracy_level applies to every MatMulNBits.
 DEFAULT_ACCURACY_LEVEL = {4: 0, 8: 4}
 # The 8-bit LM head (the largest single weight of a small model, read whole every decoded token): blocks of
 # 128 carry a quarter of the scales of blocks of 32 (1.03 vs 1.125 bytes per weight); 8 bits leave the rounding
@@ -43,20 +44,22 @@ EXPORTERS = ("auto", "fused", *TORCH_EXPORTERS)
 
 # Per-format bars for export-time validation (logits of the ONNX model vs its torch reference, and of the batch
 # vs each prompt alone, see validation.py). What each export measured is in its compress.json
-# (metrics.validation). The bars are set from benchmarks/results/accuracy_level.md, which also runs every int4
+# (metrics.validation). The bars come from benchmarks/results/accuracy_level.md, which also checks every int4
 # folder of the teacher against its torch model broken three ways (RoPE base 10000, a middle layer dropped, the
-# embedding halved):
-# - GPTQ int4 at accuracy_level 0 with the 8-bit head: correct 1.000 top-1 and max relative difference 0.022,
-#   broken 0.91 / 0.82 / 0.39 top-1 with relative differences of 0.11 and more: bars 0.95 and 0.05 tell them apart.
-#   At level 4 correct scores 0.985, a wrong RoPE base 0.896: bar 0.92.
-# - int4/int8 from a float model are judged against torch fp32, whose distance from the quantized weights
-#   hides graph errors: correct 0.67, wrong RoPE base 0.64, a dropped layer 0.70, only the halved embedding
-#   (0.30) falls below the bar of 0.4. For a sharp check, quantize first (`compress quantize --method rtn` or
-#   gptq), then export: the reference then holds the same weights.
-# - Batch vs alone (max_batch_rel_diff): fp32 and 4-bit layers at level 0 measured 3e-6 of the logit scale on
-#   the teacher (5e-4 with the 8-bit head's level-4 kernel at batch 4); a graph that attends to its left padding
-#   is off by whole logits. At level 4 the int8-activation kernels move a row's logits by up to 0.07 of the
-#   scale with its batch (recorded, not judged), as does quantize_dynamic's per-tensor activation scale.
+# embedding halved); logit scale there 41:
+# - GPTQ int4, default levels (4-bit layers 0, 8-bit head 4): correct top-1 0.985, max relative difference
+#   0.035; RoPE base 10000 0.896 / 0.075, a dropped layer 0.836 / 0.30, halved embedding 0.37 / 0.68. Bars
+#   0.9 and 0.06 refuse all three. At level 4 (max difference 0.087 correct, 0.090 with the RoPE error) only
+#   top-1 is judged, and the RoPE error's 0.896 sits just under the bar: level 4 does not reliably tell it apart.
+# - int4/int8 from a float model are judged against torch fp32, whose distance from the quantized weights hides
+#   graph errors: correct 0.67, wrong RoPE base 0.64, a dropped layer 0.67; only the halved embedding (0.30)
+#   falls below the bar of 0.4. For a sharp check, quantize first (`compress quantize --method rtn`, or gptq)
+#   and export that: the reference then holds the same weights.
+# - Each prompt alone vs in the batch (max_batch_rel_diff): fp32 and 4-bit layers at level 0 measured 3e-6 of
+#   the logit scale on the teacher, 3e-4 with the RTN export's 8-bit head at level 4; a graph that attends to
+#   its left padding is off by whole logits (tests/test_export_fused.py). With 4-bit layers at level 4 a row
+#   moves by up to 0.05 of the scale with its batch (recorded, not judged), as with quantize_dynamic's
+#   per-tensor activation scale.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_rel_diff=1e-3, min_top1=0.95, max_batch_rel_diff=1e-4),
     "fp16": Tolerance(max_rel_diff=5e-2, min_top1=0.9),
@@ -64,8 +67,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "int8-dynamic": Tolerance(max_rel_diff=None, min_top1=0.4),
     "int4": Tolerance(max_rel_diff=None, min_top1=0.4, max_batch_rel_diff=5e-3),
     "int4-level4": Tolerance(max_rel_diff=None, min_top1=0.4),
-    "int4-gptq": Tolerance(max_rel_diff=5e-2, min_top1=0.95, max_batch_rel_diff=5e-3),
-    "int4-gptq-level4": Tolerance(max_rel_diff=None, min_top1=0.92),
+    "int4-gptq": Tolerance(max_rel_diff=6e-2, min_top1=0.9, max_batch_rel_diff=5e-3),
+    "int4-gptq-level4": Tolerance(max_rel_diff=None, min_top1=0.9),
     "int8-gptq": Tolerance(max_rel_diff=None, min_top1=0.9),
     # float LM head and embedding, 4-bit layers at level 0: the GPTQ model's numbers exactly
     "int4-gptq-exact": Tolerance(max_rel_diff=1e-3, min_top1=0.95, max_batch_rel_diff=1e-4),

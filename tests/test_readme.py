@@ -50,3 +50,7 @@ def test_results_tables_are_generated_from_their_json():
     for name in ("frontier-0.7", "frontier_all"):
         assert (results / f"{name}.md").read_text() == frontier.markdown(json.loads((results / f"{name}.json").read_text()), f"{name}.json")
     assert (results / "fuzz.md").read_text() == fuzz.markdown(json.loads((results / "fuzz.json").read_text()))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # accuracy_level imports its sibling scripts by name
+    from benchmarks import accuracy_level
+
+    assert (results / "accuracy_level.md").read_text() == accuracy_level.render(json.loads((results / "accuracy_level.json").read_text()))
