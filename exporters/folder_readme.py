@@ -65,7 +65,8 @@ def folder_readme(model_path: Path, *, config: dict, kv: dict, settings: dict, s
         "## Conventions",
         "",
         "- One graph serves prefill (past length 0) and decode (one new token per row). `attention_mask` covers past and",
-        "  new tokens: (batch, past + sequence), 1 for real tokens, 0 for padding. Batches are **left-padded**.",
+        "  new tokens: (batch, past + sequence), 1 for real tokens, 0 for padding. Batches are left-padded (as transformers",
+        "  and optimum pad), or right-padded with each step's 1 appended after the pads (as onnxruntime-genai does).",
         f"- KV cache: BNSH, (batch, {kv_heads} KV heads, past length, {head_dim}), {kv_type}. `present.{{i}}` is the past plus this step:",
         "  feed it back as the next step's `past_key_values.{i}`.",
     ]

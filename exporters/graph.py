@@ -16,9 +16,10 @@ past_key_values.{i}.key/value -> logits, present.{i}.key/value. Two things diffe
   column of the attention mask counts (`position_ids` is accepted but not read). Rotary attention depends only
   on the distance between positions, and a left-padded row is shifted by the same padding for all its keys
   and queries, so its valid positions get exactly the scores the torch model gives them.
-- Padding is masked by an additive attention bias built from the mask (finfo.min on padded keys): GQA's own
-  `seqlens_k` assumes right padding, so every row is declared full (`seqlens_k = T - 1`) and the bias hides
-  the padded keys. Padded query rows produce finite, meaningless logits (torch's are meaningless too).
+- Padding: left padding (transformers, optimum) is masked by an additive attention bias on a row's leading
+  zeros, with the row declared full (`seqlens_k = T - 1`); right padding (onnxruntime-genai) through GQA's own
+  per-row `seqlens_k` (the real length - 1), see `_mask_inputs`. Padded query rows produce finite,
+  meaningless logits (torch's are meaningless too).
 
 Past and present may be one buffer (GroupQueryAttention writes the new keys in place when past_key and
 present_key are the same tensor): `runtime.OnnxCausalLM` binds them so, with a past of the maximum length.
@@ -249,17 +250,29 @@ def _swiglu(g: GraphWriter, prefix: str, gate_up: str, width: int) -> str:
 
 
 def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
-    """seqlens_k (batch,) int32 = T - 1 for every row, total_sequence_length int32 scalar = T, and the additive
-    attention bias (batch, 1, sequence, T): 0 on attended keys, finfo.min on padded ones."""
+    """seqlens_k (batch,) int32, total_sequence_length int32 scalar = T, and the additive attention bias
+    (batch, 1, sequence, T): finfo.min on a row's leading zeros (left padding), 0 elsewhere.
+
+    seqlens_k = sum(mask) + (index of the first 1) - 1 serves both padding conventions. A left-padded row
+    (transformers, optimum: zeros only in front) gets T - 1, every column a slot, the pads hidden by the bias.
+    A right-padded row (onnxruntime-genai: zeros at the end of the prompt, then each step's 1 appended after
+    them) gets its real length - 1, which is how GroupQueryAttention is meant to be fed: it attends to the
+    first seqlens_k + 1 slots, writes the step's keys at slot seqlens_k (over the first pad) and rotates the
+    query at that position, so the pads neither count nor shift positions."""
     shape = g.node("Shape", ["attention_mask"], "mask_shape", name="mask/Shape")[0]
     batch = g.node("Gather", [shape, g.const(0)], "batch_size", name="mask/batch", axis=0)[0]
     t64 = g.node("Gather", [shape, g.const(1)], "total_length_i64", name="mask/total", axis=0)[0]
     total = g.node("Cast", [t64], "total_sequence_length", name="mask/total_i32", to=TensorProto.INT32)[0]
-    last = g.node("Sub", [total, g.const(1, np.int32)], "last_index", name="mask/last")[0]
     batch_1d = g.node("Unsqueeze", [batch, g.const([0])], "batch_1d", name="mask/batch_1d")[0]
-    seqlens = g.node("Expand", [last, batch_1d], "seqlens_k", name="mask/seqlens_k")[0]
     maskf = g.node("Cast", ["attention_mask"], "mask_float", name="mask/float", to=TensorProto.FLOAT)[0]
-    blocked = g.node("Sub", [maskf, g.const(1.0, np.float32)], "mask_minus_one", name="mask/minus_one")[0]  # 0 or -1
+    count = g.node("ReduceSum", ["attention_mask", g.const([1])], "mask_count", name="mask/count", keepdims=0)[0]
+    first = g.node("ArgMax", [maskf], "mask_first_one", name="mask/first_one", axis=1, keepdims=0)[0]
+    end = g.node("Add", [count, first], "mask_end", name="mask/end")[0]
+    last = g.node("Sub", [end, g.const(1)], "seqlens_k_i64", name="mask/seqlens_k_i64")[0]
+    seqlens = g.node("Cast", [last], "seqlens_k", name="mask/seqlens_k", to=TensorProto.INT32)[0]
+    seen = g.node("CumSum", [maskf, g.const(1)], "mask_seen", name="mask/seen")[0]  # 0 before a row's first 1
+    started = g.node("Min", [seen, g.const(1.0, np.float32)], "mask_started", name="mask/started")[0]
+    blocked = g.node("Sub", [started, g.const(1.0, np.float32)], "mask_minus_one", name="mask/minus_one")[0]  # 0 or -1
     bias2d = g.node("Mul", [blocked, g.const(-np.finfo(np.float32).min, np.float32)], "mask_bias_2d", name="mask/bias")[0]
     bias4d = g.node("Unsqueeze", [bias2d, g.const([1, 2])], "mask_bias_4d", name="mask/bias_4d")[0]
     ids_shape = g.node("Shape", ["input_ids"], "ids_shape", name="ids/Shape")[0]

@@ -58,6 +58,40 @@ def test_fused_fp32_matches_torch_on_a_padded_batch(tmp_path, fused_model, famil
     assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention updates the buffer in place
 
 
+def test_fused_graph_takes_right_padding_as_onnxruntime_genai_feeds_it(tmp_path, fused_model):
+    """onnxruntime-genai pads a batch on the right (pad ids masked at the end of the prompt), takes each row's
+    logits at its last real token, then appends one 1 to the mask per step (the pads stay in the middle) with
+    the row's real position. Every row must get what it gets alone; the graph used to rotate the steps at the
+    mask's width, so the rows drifted by their padding from the first decoded token on."""
+    session = create_session(export_onnx(fused_model("llama"), tmp_path / "onnx").artifact / "model.onnx")
+    past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    heads, dim = session.get_inputs()[-1].shape[1], session.get_inputs()[-1].shape[3]
+    names = [o.name for o in session.get_outputs()]
+
+    def run(prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
+        width = max(map(len, prompts))
+        ids = np.asarray([p + [0] * (width - len(p)) for p in prompts], np.int64)
+        mask = np.asarray([[1] * len(p) + [0] * (width - len(p)) for p in prompts], np.int64)
+        positions = np.asarray([list(range(len(p))) + [0] * (width - len(p)) for p in prompts], np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **{n: np.zeros((len(prompts), heads, 0, dim), np.float32) for n in past_names}}
+        out = dict(zip(names, session.run(None, feeds)))
+        rows = [[out["logits"][r, len(p) - 1]] for r, p in enumerate(prompts)]
+        for step in range(len(forced[0])):
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            position = np.asarray([[len(p) + step] for p in prompts], np.int64)
+            feeds = {"input_ids": np.asarray([[f[step]] for f in forced], np.int64), "attention_mask": mask, "position_ids": position}
+            feeds.update({n: out[n.replace("past_key_values.", "present.")] for n in past_names})
+            out = dict(zip(names, session.run(None, feeds)))
+            for r in range(len(prompts)):
+                rows[r].append(out["logits"][r, -1])
+        return [np.stack(r) for r in rows]
+
+    forced = [[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34], [41, 42, 43, 44]]
+    batched = run(PROMPTS, forced)
+    for r, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(batched[r], run([prompt], [forced[r]])[0], rtol=0, atol=1e-4, err_msg=f"row {r}")
+
+
 def test_batch_check_sees_a_graph_that_attends_to_left_padding(tmp_path, fused_model):
     """The batch-vs-alone comparison must catch padding that leaks into the answer: the same folder run as if
     every pad were a token (mask all ones) agrees with itself alone far worse than the real graph."""

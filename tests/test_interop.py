@@ -279,10 +279,10 @@ def test_optimum_and_onnxruntime_genai_generate_our_tokens(peer_tokens, onnx_fol
         np.testing.assert_allclose(np.asarray(row, np.float32), lm.forward([prompt], every_position=True)[0][0, -1], rtol=0, atol=1e-4 if kind == "fp32" else 0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 14): onnxruntime-genai 0.18 does not mask the pad tokens of a batch of "
-                   "unequal prompts in our fused graph (it right-pads in Tokenizer.encode_batch and relies on GroupQueryAttention's "
-                   "per-row seqlens_k; the graph declares every row full and masks left padding, the HF/optimum convention). "
-                   "strict: this fails once it works")
-def test_onnxruntime_genai_batch_of_unequal_prompts(peer_tokens):
-    _, ours, theirs = peer_tokens["fp32"]
+@pytest.mark.parametrize("kind", ["fp32", "int4-gptq"])
+def test_onnxruntime_genai_batch_of_unequal_prompts(peer_tokens, kind):
+    """onnxruntime-genai pads a batch on the right and relies on GroupQueryAttention's per-row seqlens_k; the
+    graph used to declare every row full (the left-padding convention of optimum), so the rows' positions
+    shifted by their padding after the first token. It now derives seqlens_k from the mask for both."""
+    _, ours, theirs = peer_tokens[kind]
     assert theirs["genai-batch"] == ours["padded"]

@@ -47,9 +47,10 @@ def genai_tokens(folder: str, prompts: list[list[int]], new: int, pad: int) -> t
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=width + new, do_sample=False, batch_size=len(batch))
         generator = og.Generator(model, params)
-        # onnxruntime-genai takes a padded (batch, width) array and masks the pad id it reads from genai_config
-        # left-padded like optimum's batch; onnxruntime-genai's own Tokenizer.encode_batch pads on the right
-        generator.append_tokens(np.asarray([[pad] * (width - len(p)) + p for p in batch], np.int32))
+        # onnxruntime-genai takes a padded (batch, width) array and masks the pad id it reads from genai_config,
+        # padded on the right as its Tokenizer.encode_batch does: it masks trailing pad ids only (a left pad
+        # reads as a token to it, whatever the model) and takes each row's logits at its last real token
+        generator.append_tokens(np.asarray([p + [pad] * (width - len(p)) for p in batch], np.int32))
         rows: list[list[int]] = [[] for _ in batch]
         while not generator.is_done():
             generator.generate_next_token()
