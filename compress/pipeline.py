@@ -172,7 +172,7 @@ def _check_models(recipe: Recipe) -> list[str]:
 
         heads = getattr(config, "num_attention_heads", 1)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim)), e.weights, e.int8_method)
+        why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim)), e.weights, e.int8_method, e.device)
         if why:
             return [f"export.exporter fused: {why}; use export.exporter auto (it falls back to torch.onnx)"]
     try:

@@ -67,10 +67,13 @@ def inspect_source(model_dir, weights: str) -> Source:
     return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant, model_type=config.model_type, head_dim=int(head_dim))
 
 
-def fused_refusal(source: Source, weights: str, int8_method: str) -> str | None:
+def fused_refusal(source: Source, weights: str, int8_method: str, device: str = "cpu") -> str | None:
     """Why the fused graph (compress_exporters.graph) cannot export this, or None when it can."""
     from compress_exporters.graph import FUSED_FAMILIES
 
+    if device == "cuda":
+        return ("the fused graph computes in fp32 and ONNX Runtime's CUDA GroupQueryAttention has fp16/bf16 kernels only; "
+                "on CUDA export weights=fp16 (torch.onnx)")
     if source.model_type not in FUSED_FAMILIES:
         return f"the fused graph covers {', '.join(FUSED_FAMILIES)}, not {source.model_type}"
     if weights == "fp16" or (weights == "int8" and int8_method == "dynamic"):

@@ -147,7 +147,7 @@ def export_onnx(
     check_output(output, inputs=[local], overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(local))
 
     source = build.inspect_source(model_dir, weights)
-    refusal = build.fused_refusal(source, weights, int8_method)
+    refusal = build.fused_refusal(source, weights, int8_method, device)
     if exporter == "fused" and refusal:
         raise ExportError(f"exporter='fused': {refusal}; use exporter='dynamo' or 'legacy'")
     if exporter == "fused" and opset is not None:

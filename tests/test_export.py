@@ -275,6 +275,18 @@ def test_cuda_requested_without_cuda_provider_is_an_error(tmp_path, tiny, monkey
         create_session(tmp_path / "id.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
+def test_cuda_export_refuses_the_fused_fp32_graph_and_auto_avoids_it():
+    """ONNX Runtime's CUDA GroupQueryAttention has no fp32 kernel: on CUDA the fused graph is refused by name
+    and `auto` takes torch.onnx (the CUDA run itself is in the gpu-marked test below)."""
+    from types import SimpleNamespace
+
+    from compress_exporters.build import fused_refusal
+
+    source = SimpleNamespace(model_type="llama", head_dim=64)
+    assert fused_refusal(source, "fp32", "nbits", "cpu") is None
+    assert "fp16/bf16 kernels only" in fused_refusal(source, "int4", "nbits", "cuda")
+
+
 @pytest.mark.gpu
 def test_cuda_export_runs_on_cuda(tmp_path, tiny):
     import onnxruntime as ort

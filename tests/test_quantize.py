@@ -200,3 +200,16 @@ def test_cli_group_size_accepts_auto(tmp_path, width_96, text_files):
                  "--set", f"data.eval={text_files['eval']}", "--set", "data.seq_len=32", "--set", "data.max_eval_tokens=256", "--set", f"data.cache_dir={tmp_path / 'c'}"])
     assert code == 0
     assert _stored_group(tmp_path / "q") == (32, 3)
+
+
+@pytest.mark.gpu
+def test_gptq_on_cuda_leaves_each_finished_layer_on_the_cpu(wide_llama, text_files):
+    """Issue 15: the codes and dequantized weights of finished layers go to host memory as each layer ends."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(wide_llama).eval().to("cuda")
+    ids = AutoTokenizer.from_pretrained(wide_llama)(text_files["train"].read_text())["input_ids"][: 8 * 32]
+    calib = torch.tensor(ids).view(8, 32).to("cuda")
+    results, _ = quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",))
+    assert results and all(t.device.type == "cpu" for r in results.values() for t in (r.Q, r.codes, r.scales, r.zeros, r.g_idx))
+    assert next(model.parameters()).device.type == "cuda"

@@ -6,6 +6,7 @@ one table (`compress.architectures`) says where the blocks are, for every suppor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Callable
@@ -145,7 +146,7 @@ def quantize_blocks(
                     res = rtn(W, grid, group_size)
                     block_reports.append(_report(name, W, res.Q, None))
                     set_linear_weight(module, res.Q)
-                    results[name] = res
+                    results[name] = on_cpu(res)
             reports.extend(block_reports)
             if on_layer is not None:
                 on_layer(i, len(blocks), block_reports)
@@ -189,7 +190,7 @@ class _BlockGPTQ:
                 set_linear_weight(mine[name], res.Q)
                 if runner is not block:
                     set_linear_weight(ours[name], res.Q)
-                self.results[name] = res
+                self.results[name] = on_cpu(res)
 
         if self.true_sequential:
             # Each group calibrated on inputs through the groups quantized before it, in one forward
@@ -213,6 +214,14 @@ class _BlockGPTQ:
 
 
 _FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def on_cpu(res: QuantResult) -> QuantResult:
+    """A finished layer's result moved to host memory: on CUDA, the codes and the dequantized weight of every
+    layer would otherwise stay on the device until the whole model is done (the weights are written from CPU)."""
+    if res.Q.device.type == "cpu":
+        return res
+    return dataclasses.replace(res, Q=res.Q.cpu(), codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu())
 
 
 def _cast_floats(value, dtype: torch.dtype):
