@@ -174,6 +174,9 @@ class OnnxCausalLM:
         self._has_positions = "position_ids" in inputs
         # A fused graph loaded by create_session(last_logits_only=True): a prefill computes the last logits only.
         self._keeps_last = bool(getattr(session, "compress_last_logits_only", False))
+        # Where the KV cache lives between steps: on the session's device (CUDA: never copied to the host). The
+        # logits come to host memory, where the next token is picked (one row of vocab floats per step).
+        self.kv_device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
         self._past_shape = {n: inputs[n].shape for n in self._past}
         self._past_dtype = {n: np.float16 if "float16" in inputs[n].type else np.float32 for n in self._past}
@@ -411,7 +414,7 @@ class _SharedKVCache:
         self._pairs = []
         for name in lm._past:
             _, heads, _, dim = lm._kv_dims(name)
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, max_length, dim), lm._past_dtype[name], "cpu", 0)
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, max_length, dim), lm._past_dtype[name], lm.kv_device, 0)
             self._pairs.append((name, name.replace("past_key_values.", "present."), buffer))
 
     def bind(self, binding) -> None:
@@ -430,17 +433,18 @@ class _ReturnedKVCache:
     def __init__(self, lm: "OnnxCausalLM"):
         ort = _ort()
         self._names = [(name, name.replace("past_key_values.", "present.")) for name in lm._past]
-        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._kv_dims(n)[1], 0, lm._kv_dims(n)[3]), lm._past_dtype[n])) for n in lm._past]
+        self._device = lm.kv_device
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._kv_dims(n)[1], 0, lm._kv_dims(n)[3]), lm._past_dtype[n]), self._device, 0) for n in lm._past]
 
     def bind(self, binding) -> None:
         for (past, present), value in zip(self._names, self._past):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_output(present, "cpu")
+            binding.bind_output(present, self._device)
 
     def advance(self, binding, present) -> None:
         for (past, name), value in zip(self._names, present):
             binding.bind_ortvalue_input(past, value)
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self._device)
 
 
 def _layer_order(name: str) -> tuple[int, str]:

@@ -295,6 +295,13 @@ def test_cuda_export_runs_on_cuda(tmp_path, tiny):
         pytest.skip("needs onnxruntime-gpu with CUDA (CUDAExecutionProvider)")
     result = export_onnx(tiny("llama"), tmp_path / "onnx", weights="fp16", device="cuda")
     assert "CUDAExecutionProvider" in result.record["device"]["onnxruntime_providers"]
+    from compress_exporters.runtime import OnnxCausalLM
+
+    lm = OnnxCausalLM.from_dir(result.artifact, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert lm.kv_device == "cuda"  # the KV cache stays on the device between steps
+    cpu = OnnxCausalLM.from_dir(result.artifact)
+    assert cpu.kv_device == "cpu"
+    assert lm.generate([5, 6, 7], max_new_tokens=8, stop_tokens=[]).token_ids == cpu.generate([5, 6, 7], max_new_tokens=8, stop_tokens=[]).token_ids
 
 
 @pytest.mark.parametrize("N,K,group,bits,act_order,sym", [

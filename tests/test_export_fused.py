@@ -329,7 +329,7 @@ def test_exported_folder_loads_without_a_warning_and_the_runtime_keeps_the_last_
     assert "num_logits_to_keep" not in {i.name for i in model.graph.input}
 
     lm = OnnxCausalLM.from_dir(folder)
-    assert lm._keeps_last
+    assert lm._keeps_last and lm.kv_device == "cpu"
     assert not create_session(folder / "model.onnx").compress_last_logits_only
     ids = np.asarray([PROMPTS[0]], np.int64)
     every, _ = lm.forward(ids, every_position=True)  # the graph as written
