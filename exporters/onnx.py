@@ -47,10 +47,12 @@ EXPORTERS = ("auto", "fused", *TORCH_EXPORTERS)
 # (metrics.validation). The bars come from benchmarks/results/accuracy_level.md, which also checks every int4
 # folder of the teacher against its torch model broken three ways (RoPE base 10000, a middle layer dropped, the
 # embedding halved); logit scale there 41:
-# - GPTQ int4, default levels (4-bit layers 0, 8-bit head 4): correct top-1 0.985, max relative difference
-#   0.035; RoPE base 10000 0.896 / 0.075, a dropped layer 0.836 / 0.30, halved embedding 0.37 / 0.68. Bars
-#   0.9 and 0.06 refuse all three. At level 4 (max difference 0.087 correct, 0.090 with the RoPE error) only
-#   top-1 is judged, and the RoPE error's 0.896 sits just under the bar: level 4 does not reliably tell it apart.
+# - GPTQ int4, default levels (4-bit layers 0, 8-bit head 4): correct max relative difference 0.035 on the
+#   teacher and 0.034 on the distilled quickstart student; RoPE base 10000 0.075, a dropped layer 0.30, halved
+#   embedding 0.68: the bar of 0.06 refuses all three. Top-1 over the 67 compared positions does not separate
+#   them: the correct student scores 0.896, the teacher with the wrong RoPE base also 0.896 (correct teacher
+#   0.985), so its bar (0.8) only catches gross breakage. At level 4 (max difference 0.087 correct, 0.090 with
+#   the RoPE error) only top-1 is judged: level 4 does not catch a wrong RoPE base.
 # - int4/int8 from a float model are judged against torch fp32, whose distance from the quantized weights hides
 #   graph errors: correct 0.67, wrong RoPE base 0.64, a dropped layer 0.67; only the halved embedding (0.30)
 #   falls below the bar of 0.4. For a sharp check, quantize first (`compress quantize --method rtn`, or gptq)
@@ -67,8 +69,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "int8-dynamic": Tolerance(max_rel_diff=None, min_top1=0.4),
     "int4": Tolerance(max_rel_diff=None, min_top1=0.4, max_batch_rel_diff=5e-3),
     "int4-level4": Tolerance(max_rel_diff=None, min_top1=0.4),
-    "int4-gptq": Tolerance(max_rel_diff=6e-2, min_top1=0.9, max_batch_rel_diff=5e-3),
-    "int4-gptq-level4": Tolerance(max_rel_diff=None, min_top1=0.9),
+    "int4-gptq": Tolerance(max_rel_diff=6e-2, min_top1=0.8, max_batch_rel_diff=5e-3),
+    "int4-gptq-level4": Tolerance(max_rel_diff=None, min_top1=0.8),
     "int8-gptq": Tolerance(max_rel_diff=None, min_top1=0.9),
     # float LM head and embedding, 4-bit layers at level 0: the GPTQ model's numbers exactly
     "int4-gptq-exact": Tolerance(max_rel_diff=1e-3, min_top1=0.95, max_batch_rel_diff=1e-4),
