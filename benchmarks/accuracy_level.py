@@ -21,6 +21,7 @@ Writes benchmarks/results/accuracy_level.json and accuracy_level.md (generated f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from export_latency import _git_state, load_average, machine, prompt_ids, summarize  # noqa: E402
+from export_latency import load_average, prompt_ids, report_header, summarize  # noqa: E402
 from latency_variants import OnnxVariant  # noqa: E402
 
 from compress_exporters.validation import DEFAULT_PROMPTS  # noqa: E402
@@ -141,9 +142,10 @@ def broken_references(folder: Path, source: str, prompt_ids: list[list[int]]) ->
     from compress_exporters.validation import compare_with_torch
 
     session = create_session(folder / "model.onnx")
+    base = models.load_quantized(source) if Path(source).is_dir() else models.load_model(source)
     out = {}
     for how in ("correct", "rope-base-10000", "middle-layer-dropped", "embedding-x0.5"):
-        model = models.load_quantized(source) if Path(source).is_dir() else models.load_model(source)
+        model = copy.deepcopy(base)  # each breakage on a fresh copy of the one loaded model
         if how == "rope-base-10000":
             rotary = model.model.rotary_emb
             dim = rotary.inv_freq.numel() * 2
@@ -170,14 +172,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     from compress import models
 
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": _git_state(),
-        "machine": machine(args.threads),
-        "load_average_start": list(os.getloadavg()),
-        "settings": {k: v for k, v in vars(args).items() if k in ("threads", "windows", "length", "steps", "repeats", "new_tokens")},
-        "batch_prompt_lengths": list(BATCH_LENGTHS),
-    }
+    report = {**report_header(args, ("threads", "windows", "length", "steps", "repeats", "new_tokens")), "batch_prompt_lengths": list(BATCH_LENGTHS)}
     specs = variants(args)
     folders = {name: ensure_export(name, source, level, args) for name, (source, level) in specs.items()}
     data = windows(args.teacher, args.windows, args.length)

@@ -331,19 +331,24 @@ def _ppl_cell(value, reference) -> str:
     return f"{value:.2f}" + (f" ({100 * (value / reference - 1):+.1f}%)" if reference else "")
 
 
+def report_header(args, settings: tuple[str, ...]) -> dict:
+    """What every results JSON starts with: the command, the commit, the machine, the load, the settings."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git": _git_state(),
+        "machine": machine(args.threads),
+        "load_average_start": list(os.getloadavg()),
+        "settings": {k: v for k, v in vars(args).items() if k in settings},
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         child(args)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": _git_state(),
-        "machine": machine(args.threads),
-        "load_average_start": list(os.getloadavg()),
-        "settings": {k: v for k, v in vars(args).items() if k in ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin", "reverse_load", "quality_windows", "quality_length")},
-    }
+    report = report_header(args, ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin", "reverse_load", "quality_windows", "quality_length"))
     bandwidth = copy_bandwidth()
     report["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     report["models"] = {"teacher": bench_model("teacher", args.teacher, args.gptq, args.genai, args, bandwidth)}

@@ -434,7 +434,7 @@ class _ReturnedKVCache:
         ort = _ort()
         self._names = [(name, name.replace("past_key_values.", "present.")) for name in lm._past]
         self._device = lm.kv_device
-        self._past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, lm._kv_dims(n)[1], 0, lm._kv_dims(n)[3]), lm._past_dtype[n]), self._device, 0) for n in lm._past]
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for empty in lm.empty_past(1).values()]  # in lm._past order
 
     def bind(self, binding) -> None:
         for (past, present), value in zip(self._names, self._past):
