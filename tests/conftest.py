@@ -53,22 +53,34 @@ def tiny_config(family: str, vocab: int = VOCAB, layers: int = 4, **overrides):
     return AutoConfig.for_model(family, vocab_size=vocab, **{count: layers}, **{**TINY[family], **overrides})
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer trained on the embedded corpus, saved as an HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(out: Path, bos: str | None) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|endoftext|>", *([bos] if bos else [])]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    out = tmp_path_factory.mktemp("tokenizer")
+    if bos:  # as Gemma's and Llama's tokenizers do: BOS in front of every encoded text
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", **({"bos_token": bos} if bos else {}))
     fast.save_pretrained(out)
     assert len(fast) <= VOCAB
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on the embedded corpus, saved as an HF tokenizer folder (adds no BOS, as GPT-2's)."""
+    return _train_tokenizer(tmp_path_factory.mktemp("tokenizer"), bos=None)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory) -> Path:
+    """The same kind of tokenizer that puts a BOS token in front of every text, as Gemma's and Llama's do."""
+    return _train_tokenizer(tmp_path_factory.mktemp("bos-tokenizer"), bos="<bos>")
 
 
 def save_tiny(directory: Path, family: str, tokenizer_dir: Path, seed: int = 0, layers: int = 4, vocab: int = VOCAB, train_steps: int = 0, **overrides) -> Path:

@@ -67,6 +67,26 @@ def test_pack_joins_documents_with_eos(tok):
     assert pack(iter(docs), tok, seq_len=4, max_tokens=8).shape == (2, 4)
 
 
+def test_every_window_starts_with_bos_for_a_tokenizer_that_adds_one(tok, bos_tokenizer_dir, tmp_path, text_files):
+    bos_tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    assert data_mod.bos_prefix(tok) == [] and data_mod.bos_prefix(bos_tok) == [bos_tok.bos_token_id]
+    docs = ["The first document.", "A second one, a little longer than the first.", "And a third."]
+    stream = []
+    for d in docs:
+        stream += bos_tok(d, add_special_tokens=False)["input_ids"] + [bos_tok.eos_token_id]
+    blocks = pack(iter(docs), bos_tok, seq_len=5)
+    n = len(stream) // 4
+    assert blocks.shape == (n, 5)
+    assert (blocks[:, 0] == bos_tok.bos_token_id).all()
+    assert blocks[:, 1:].flatten().tolist() == stream[: n * 4]  # the text itself is neither lost nor repeated
+    assert pack(iter(docs), bos_tok, seq_len=5, max_tokens=10).shape == (2, 5)
+    # A tokenizer without BOS packs exactly as before: no window gains a token.
+    plain = pack(iter(docs), tok, seq_len=5)
+    assert tok.bos_token_id is None or not (plain[:, 0] == tok.bos_token_id).all()
+    cached = packed_blocks(str(text_files["eval"]), bos_tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path)
+    assert (cached[:, 0] == bos_tok.bos_token_id).all()
+
+
 def test_blocks_are_cached(tmp_path, tok, monkeypatch, text_files):
     first = packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path)
     monkeypatch.setattr(data_mod, "pack", lambda *a, **k: pytest.fail("re-tokenized despite the cache"))
