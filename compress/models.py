@@ -486,10 +486,27 @@ def vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection's weight (V, H) and bias (V,) or None."""
+class Head(tuple):
+    """An lm_head as (weight (V, H), bias (V,) or None), unpacking as that pair, plus `softcap`: the final-logit
+    soft-cap the model applies after it (Gemma-2's final_logit_softcapping), or None."""
+
+    softcap: float | None
+
+    def __new__(cls, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None):
+        head = super().__new__(cls, (weight, bias))
+        head.softcap = softcap
+        return head
+
+
+def logit_softcap(config) -> float | None:
+    cap = getattr(config, "final_logit_softcapping", None)
+    return None if cap in (None, 0) else float(cap)
+
+
+def lm_head(model) -> Head:
+    """The output projection's weight (V, H) and bias (V,) or None, with the model's final-logit soft-cap."""
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    return Head(head.weight, getattr(head, "bias", None), logit_softcap(model.config))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -126,11 +126,22 @@ def quantize_nbits(model: onnx.ModelProto, *, bits: int, block_size: int, accura
 
 
 def find_embedding(model: onnx.ModelProto, ids: str = "input_ids") -> onnx.NodeProto | None:
-    """The Gather that looks the token ids up in a constant 2-D float table, or None."""
+    """The Gather that looks the token ids up in a constant 2-D float table (the ids directly, or reshaped on the
+    way, as GPT-2's `input_ids.view(-1, T)`), or None."""
     inits = {init.name: init for init in model.graph.initializer}
+    producers = _producers(model.graph)
+
+    def reads_ids(name: str) -> bool:
+        while name != ids:
+            node = producers.get(name)
+            if node is None or node.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"):
+                return False
+            name = node.input[0]
+        return True
+
     for node in model.graph.node:
         table = inits.get(node.input[0]) if node.op_type == "Gather" and len(node.input) == 2 else None
-        if table is not None and node.input[1] == ids and len(table.dims) == 2 and table.data_type == onnx.TensorProto.FLOAT:
+        if table is not None and len(table.dims) == 2 and table.data_type == onnx.TensorProto.FLOAT and reads_ids(node.input[1]):
             return node
     return None
 
@@ -242,15 +253,22 @@ def replace_with_nbits(model: onnx.ModelProto, weights: dict[str, tuple[str, NBi
     gathers: dict[tuple[str, str], str] = {}
     replaced: set[str] = set()
     for node in graph.node:
-        b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        b, transposed = _constant_b(node)
         init = inits.get(b) if b else None
-        key = weight_key(numpy_helper.to_array(init)) if init is not None and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT else None
+        key = None
+        if init is not None and len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT:
+            B = numpy_helper.to_array(init)
+            key = weight_key(B.T if transposed else B)
         match = weights.get(key)
         if match is None:
             new_nodes.append(node)
             continue
         layer, w = match
         a = node.input[0]
+        outputs = list(node.output)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        if bias is not None:  # Gemm's bias C (GPT-2's Conv1D, OPT's fc1/fc2 on flattened tokens), added after
+            outputs = [f"{layer}.MatMulNBits.out"]
         if w.perm is not None:
             perm_key = hashlib.sha256(w.perm.tobytes()).hexdigest()[:16]
             if (a, perm_key) not in gathers:
@@ -268,10 +286,24 @@ def replace_with_nbits(model: onnx.ModelProto, weights: dict[str, tuple[str, NBi
         attrs = dict(K=w.K, N=w.N, bits=w.bits, block_size=w.block_size)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{layer}/MatMulNBits", domain=MS_DOMAIN, **attrs))
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, outputs, name=f"{layer}/MatMulNBits", domain=MS_DOMAIN, **attrs))
+        if bias is not None:
+            new_nodes.append(helper.make_node("Add", [outputs[0], bias], list(node.output), name=f"{layer}/Bias"))
         replaced.add(key)
     _rewrite(model, new_nodes, new_inits)
     return replaced
+
+
+def _constant_b(node: onnx.NodeProto) -> tuple[str | None, bool]:
+    """(the name of the weight input B, whether it is stored transposed) of a MatMul, or of a Gemm that is a
+    plain matmul plus bias (alpha = beta = 1, A not transposed), as torch.onnx writes Linear/Conv1D on 2-D inputs."""
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        return node.input[1], False
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0):
+            return node.input[1], bool(attrs.get("transB", 0))
+    return None, False
 
 
 def _rewrite(model: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:

@@ -31,7 +31,7 @@ def corpus_texts(split: str = "pydocs/eval", limit_chars: int = 200_000) -> list
 
 
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-# One tiny config per family in compress.architectures.LAYOUTS (test_architectures checks the two agree).
+# One tiny config per family in compress.architectures.TESTED_FAMILIES (test_architectures checks the two agree).
 TINY = {
     "llama": dict(_LLAMA_LIKE, tie_word_embeddings=True),
     "mistral": dict(_LLAMA_LIKE),
@@ -40,6 +40,13 @@ TINY = {
     "gpt2": dict(n_embd=32, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256),
     "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32, dropout=0.0),
+    # Soft-capped attention and final logits, (1 + w) RMSNorms, pre/post feed-forward norms, scaled embeddings;
+    # hybrid sliding (window 16, shorter than the 32-token windows the tests use) and global layers.
+    "gemma2": dict(_LLAMA_LIKE, head_dim=8, sliding_window=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=8),
+    # q/k norms, hybrid layers with two rotary bases (local 10k, global 1M).
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=8, sliding_window=16, sliding_window_pattern=2, rope_local_base_freq=10000.0),
+    # Fused qkv_proj and gate_up_proj.
+    "phi3": dict(_LLAMA_LIKE, pad_token_id=0, bos_token_id=0, eos_token_id=0),
 }
 FAMILIES = tuple(TINY)
 # The families the issue names; the others run the same code through the same table.

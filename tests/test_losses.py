@@ -417,3 +417,35 @@ def test_bad_ce_weight_raises():
     sh, sw, sb, th, tw, tb, labels = make_problem()
     with pytest.raises(ValueError, match="ce_weight"):
         fused_distill_loss(sh, sw, sb, th, tw, tb, labels, ce_weight=1.5)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_soft_capped_logits_follow_the_direct_formula(kind, ce_weight):
+    # Gemma-2 caps its logits: z = c * tanh(raw / c). A cap of 2 bends these logits (|raw| up to ~6) a lot.
+    sh, sw, sb, th, tw, tb, labels = make_problem()
+    cap_s, cap_t = 2.0, 3.0
+    keep = labels != -100
+    leaf_h, leaf_w, leaf_b = leaves(sh, sw, sb)
+    zs = cap_s * torch.tanh(logits_of(leaf_h, leaf_w, leaf_b) / cap_s)
+    zt = cap_t * torch.tanh(logits_of(th, tw, tb) / cap_t)
+    log_s, log_t = torch.log_softmax(zs[keep].double(), -1), torch.log_softmax(zt[keep].double(), -1)
+    div = (log_t.exp() * (log_t - log_s)).sum(-1) if kind == "forward_kl" else (log_s.exp() * (log_s - log_t)).sum(-1)
+    ce = -log_s.gather(1, labels[keep, None]).squeeze(1)
+    want = (1 - ce_weight) * div.mean() + ce_weight * ce.mean()
+    (3.0 * want).backward()
+    got, *grads = run_fused(sh, sw, sb, th, tw, tb, labels, kind=kind, ce_weight=ce_weight, chunk_size=8, softcap=cap_s, teacher_softcap=cap_t)
+    torch.testing.assert_close(got.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, (leaf_h.grad, leaf_w.grad, leaf_b.grad)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    # Without the caps the same problem gives another loss: the cap is applied, not ignored.
+    plain, *_ = run_fused(sh, sw, sb, th, tw, tb, labels, kind=kind, ce_weight=ce_weight, chunk_size=8)
+    assert abs(float(plain.loss.detach()) - float(want.detach())) > 0.05
+    # Evaluation statistics and the sparse (top-k) loss see the same capped logits.
+    from compress.distill.sparse import fused_sparse_distill_loss, topk_targets_from_hidden
+
+    sums = agreement_sums(sh, sw, sb, th, tw, tb, labels, chunk_size=8, softcap=cap_s, teacher_softcap=cap_t)
+    torch.testing.assert_close(torch.tensor(sums.kl / sums.tokens, dtype=torch.float64), (log_t.exp() * (log_t - log_s)).sum(-1).mean().detach(), rtol=1e-5, atol=1e-6)
+    targets = topk_targets_from_hidden(th, tw, tb, V, softcap=cap_t)  # k = V: the sparse loss is the dense one
+    sparse = fused_sparse_distill_loss(sh, sw, sb, targets, labels, kind=kind, ce_weight=ce_weight, chunk_size=8, softcap=cap_s)
+    torch.testing.assert_close(sparse.loss.double(), want.detach(), rtol=1e-4, atol=1e-5)

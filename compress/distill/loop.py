@@ -302,7 +302,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     student = student.to(torch.float32)
     student.config.use_cache = False
 
-    teacher_head = source.head
+    teacher_head = models.Head(*source.head, models.logit_softcap(config))  # the cache stores no config: the cap comes from the teacher's
     student.to(device).train()
     pairs = list(spec.hidden.pairs) or (default_hidden_pairs(made, student.config.num_hidden_layers) if spec.hidden.weight > 0 else [])
     objective = DistillObjective(student, teacher_head, spec.loss, spec.hidden.weight, pairs)

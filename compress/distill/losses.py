@@ -79,8 +79,14 @@ class _Objective:
     beta: float = 0.5
     alpha: float = 0.1
     ce_weight: float = 0.0
+    softcap: Optional[float] = None  # the student's final-logit soft-cap: logits = c * tanh(z / c) (Gemma-2)
+    teacher_softcap: Optional[float] = None
 
     def __post_init__(self) -> None:
+        for name in ("softcap", "teacher_softcap"):
+            cap = getattr(self, name)
+            if cap is not None and not cap > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {cap}")
         if self.kind not in _DIVERGENCE_FNS:
             raise ValueError(f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCES}")
         if not self.temperature > 0:
@@ -186,15 +192,21 @@ def naive_distill_loss(
     return DistillLossResult.of_sums(loss, div_sum, ce_sum, tokens)
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """(n, H) rows through an lm_head (V, H) -> (n, V) fp32 logits."""
+def softcap_logits(logits: Tensor, cap: Optional[float]) -> Tensor:
+    """cap * tanh(logits / cap): the final-logit soft-cap Gemma-2 applies after its lm_head (None: unchanged)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: Optional[float] = None) -> Tensor:
+    """(n, H) rows through an lm_head (V, H) -> (n, V) fp32 logits, soft-capped when the model caps them."""
     logits = (hidden.to(weight.dtype) @ weight.T).float()
-    return logits if bias is None else logits + bias.float()
+    return softcap_logits(logits if bias is None else logits + bias.float(), softcap)
 
 
 def _closed_form(obj: _Objective) -> bool:
-    """Forward KL (the default) has a closed-form logit gradient, p_S - p_T, that needs no autograd graph."""
-    return obj.kind == "forward_kl" and (obj.ce_weight == 0.0 or obj.temperature == 1.0)
+    """Forward KL (the default) has a closed-form logit gradient, p_S - p_T, that needs no autograd graph;
+    with soft-capped logits the chain through tanh goes through autograd instead."""
+    return obj.kind == "forward_kl" and (obj.ce_weight == 0.0 or obj.temperature == 1.0) and obj.softcap is None and obj.teacher_softcap is None
 
 
 def _project_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -274,9 +286,9 @@ def _dense_chunk_loss(
                 loss, div_sum, ce_sum = _forward_kl_chunk(z_s, z_t, p_t, labels[chunk], obj, tokens, want_grad)
             return loss, div_sum, ce_sum, z_s if want_grad else None  # z_s now holds d loss / d logits
         with torch.no_grad():
-            z_t = _project(th[chunk], tw, tb)  # (c, V)
-            z_s = _project(h, sw, sb)  # (c, V)
-        return _autograd_chunk(z_s, lambda z: _chunk_objective(z, z_t, labels[chunk], obj, tokens), want_grad)
+            z_t = _project(th[chunk], tw, tb, obj.teacher_softcap)  # (c, V)
+            z_s = _project(h, sw, sb)  # (c, V) before the student's cap: the gradient is taken through it
+        return _autograd_chunk(z_s, lambda z: _chunk_objective(softcap_logits(z, obj.softcap), z_t, labels[chunk], obj, tokens), want_grad)
 
     return chunk_loss
 
@@ -355,15 +367,18 @@ def fused_distill_loss(
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> DistillLossResult:
     """loss = (1 - ce_weight) * T^2 * mean divergence + ce_weight * mean CE(T=1), over tokens whose
     label is not ignore_index, computed from hidden states (N, H) and lm_heads (V, H) in chunks of
-    `chunk_size` rows, so peak memory grows with chunk_size * V rather than N * V.
+    `chunk_size` rows, so peak memory grows with chunk_size * V rather than N * V. `softcap` /
+    `teacher_softcap`: each model's final-logit soft-cap (Gemma-2), applied to its logits as the model does.
 
     The teacher side is detached. Gradients for the student hidden/weight/bias are computed in the
     forward pass (Liger-style fused linear loss) and returned in the inputs' dtypes.
     """
-    obj = _Objective(kind, temperature, beta, alpha, ce_weight)
+    obj = _Objective(kind, temperature, beta, alpha, ce_weight, softcap, teacher_softcap)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = labels.shape[0]
@@ -454,16 +469,18 @@ def agreement_sums(
     *,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> AgreementSums:
-    """Chunked evaluation statistics (no (N,V) tensors held at once)."""
+    """Chunked evaluation statistics (no (N,V) tensors held at once), on each model's soft-capped logits."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = (labels != ignore_index).nonzero().squeeze(1)  # (tokens,)
     # float64 accumulators: the sums run over whole evaluation sets.
     sums = torch.zeros(4, dtype=torch.float64, device=student_hidden.device)
     for chunk in rows.split(chunk_size):
-        z_s = _project(student_hidden[chunk], student_weight, student_bias)  # (c, V)
-        z_t = _project(teacher_hidden[chunk], teacher_weight, teacher_bias)  # (c, V)
+        z_s = _project(student_hidden[chunk], student_weight, student_bias, softcap)  # (c, V)
+        z_t = _project(teacher_hidden[chunk], teacher_weight, teacher_bias, teacher_softcap)  # (c, V)
         sums += _agreement_terms(z_s, z_t, labels[chunk])
     student_nll, teacher_nll, kl, agree = sums.tolist()
     return AgreementSums(rows.numel(), student_nll, teacher_nll, kl, int(agree))

@@ -17,8 +17,9 @@ _head = models.lm_head
 
 
 def check_plain_head(config) -> None:
-    """The fused loss assumes logits = hidden @ W.T (+ b); refuse models (by config) that post-process logits."""
-    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    """The fused loss computes logits = hidden @ W.T (+ b), soft-capped where the model caps them (Gemma-2's
+    final_logit_softcapping); refuse models (by config) that post-process logits in any other way."""
+    for key in ("logit_scale", "logits_scaling"):
         value = getattr(config, key, None)
         if value not in (None, 1, 1.0):
             raise UnsupportedArchitectureError(f"{config.model_type}: logits are post-processed ({key}={value}); the fused distillation loss does not support it")
@@ -42,8 +43,9 @@ class DistillObjective(nn.Module):
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=need_states, use_cache=False)
         h = out.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
         labels = input_ids[:, 1:].reshape(-1)
-        weight, bias = _head(self.student)
-        knobs = dict(kind=spec.kind, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha, ce_weight=spec.ce_weight, chunk_size=spec.chunk_size)
+        head = _head(self.student)
+        weight, bias = head
+        knobs = dict(kind=spec.kind, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha, ce_weight=spec.ce_weight, chunk_size=spec.chunk_size, softcap=head.softcap)
         if isinstance(teacher, TopKTargets):
             if need_states:
                 raise ValueError("the hidden-state loss needs a live teacher's hidden states, not top-k targets")
@@ -51,7 +53,8 @@ class DistillObjective(nn.Module):
         else:
             t_weight, t_bias = self._teacher_head
             th = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
-            result = fused_distill_loss(h.reshape(-1, h.shape[-1]), weight, bias, th, t_weight, t_bias, labels, **knobs)
+            result = fused_distill_loss(h.reshape(-1, h.shape[-1]), weight, bias, th, t_weight, t_bias, labels,
+                                        teacher_softcap=getattr(self._teacher_head, "softcap", None), **knobs)
         loss = result.loss
         stats = {"divergence": result.divergence, "ce": result.ce}
         if need_states:
@@ -68,7 +71,8 @@ def evaluate(student, teacher_head, eval_ids: torch.Tensor, teacher_hidden: torc
     """Sums over held-out blocks; `teacher_hidden` (n, T, H_t) is computed once per run, not per evaluation."""
     was_training = student.training
     student.eval()
-    weight, bias = _head(student)
+    head = _head(student)
+    weight, bias = head
     total = AgreementSums(tokens=0, student_nll=0.0, teacher_nll=0.0, kl=0.0, top1_agree=0)
     device = weight.device
     for start in range(0, len(eval_ids), batch_size):
@@ -78,7 +82,7 @@ def evaluate(student, teacher_head, eval_ids: torch.Tensor, teacher_hidden: torc
         total = total + agreement_sums(
             h.reshape(-1, h.shape[-1]), weight, bias,
             th.reshape(-1, th.shape[-1]), *teacher_head,
-            ids[:, 1:].reshape(-1), chunk_size=chunk_size,
+            ids[:, 1:].reshape(-1), chunk_size=chunk_size, softcap=head.softcap, teacher_softcap=getattr(teacher_head, "softcap", None),
         )
     student.train(was_training)
     return total

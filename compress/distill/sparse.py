@@ -35,6 +35,7 @@ from compress.distill.losses import (
     _autograd_chunk,
     chunk_buffers,
     _closed_form,
+    softcap_logits,
     _combine,
     _log_probs,
     _Objective,
@@ -99,10 +100,11 @@ def topk_targets(logits: Tensor, k: int, *, temperature: float = 1.0) -> TopKTar
 
 @torch.no_grad()
 def topk_targets_from_hidden(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, temperature: float = 1.0, chunk_size: int = 1024
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, temperature: float = 1.0, chunk_size: int = 1024, softcap: Optional[float] = None
 ) -> TopKTargets:
-    """`topk_targets` of hidden (N, H) through an lm_head (V, H), chunk by chunk: never (N, V) at once."""
-    parts = [topk_targets(_project(h, weight, bias), k, temperature=temperature) for h in hidden.split(chunk_size)]
+    """`topk_targets` of hidden (N, H) through an lm_head (V, H) (and the model's final-logit `softcap`),
+    chunk by chunk: never (N, V) at once."""
+    parts = [topk_targets(_project(h, weight, bias, softcap), k, temperature=temperature) for h in hidden.split(chunk_size)]
     if not parts:
         empty = torch.zeros(0, k, device=hidden.device)
         return TopKTargets(empty, empty.long(), empty[:, 0])
@@ -201,8 +203,13 @@ def _sparse_chunk_loss(targets: TopKTargets, sw: Tensor, sb: Optional[Tensor], l
                 loss, div_sum, ce_sum = _sparse_forward_kl_chunk(z_s, scratch, t, labels[chunk], obj, tokens, want_grad)
             return loss, div_sum, ce_sum, z_s if want_grad else None
         with torch.no_grad():
-            z_s = _project(h, sw, sb)  # (c, V)
-        return _autograd_chunk(z_s, lambda z: _combine(_sparse_divergence(z, t, obj), z, labels[chunk], obj, tokens), want_grad)
+            z_s = _project(h, sw, sb)  # (c, V) before the student's cap: the gradient is taken through it
+
+        def objective(z):
+            z = softcap_logits(z, obj.softcap)
+            return _combine(_sparse_divergence(z, t, obj), z, labels[chunk], obj, tokens)
+
+        return _autograd_chunk(z_s, objective, want_grad)
 
     return chunk_loss
 
@@ -221,12 +228,14 @@ def fused_sparse_distill_loss(
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    softcap: Optional[float] = None,
 ) -> DistillLossResult:
     """losses.fused_distill_loss with the teacher given as top-k targets (N, k) instead of hidden states
     and an lm_head: loss = (1 - ce_weight) * T^2 * mean sparse divergence + ce_weight * mean CE(T=1),
     student hidden (N, H) through its lm_head (V, H) in chunks of `chunk_size` rows, gradients formed in
-    the forward pass. The targets must have been built at the same temperature T."""
-    obj = _Objective(kind, temperature, beta, alpha, ce_weight)
+    the forward pass. The targets must have been built at the same temperature T (and with the teacher's
+    soft-cap, as `topk_targets_from_hidden` does); `softcap` is the student's."""
+    obj = _Objective(kind, temperature, beta, alpha, ce_weight, softcap)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = labels.shape[0]

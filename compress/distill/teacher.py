@@ -71,7 +71,7 @@ class LiveTeacher(TeacherSource):
         """Top-k targets (b, T-1, k) of this teacher on `input_ids` (b, T): what a cache stores."""
         hidden = run_teacher(self.model, input_ids, with_hidden_states=False).hidden[:, :-1]  # (b, T-1, H)
         b, positions = hidden.shape[:2]
-        flat = topk_targets_from_hidden(hidden.reshape(-1, hidden.shape[-1]), *self.head, k, temperature=temperature, chunk_size=chunk_size)
+        flat = topk_targets_from_hidden(hidden.reshape(-1, hidden.shape[-1]), *self.head, k, temperature=temperature, chunk_size=chunk_size, softcap=self.head.softcap)
         return TopKTargets(flat.logprobs.view(b, positions, k), flat.indices.view(b, positions, k), flat.tail.view(b, positions))
 
     @torch.no_grad()

@@ -55,7 +55,8 @@ def final_hidden(model, ids: Tensor, batch_size: int) -> Tensor:
 def kl_to_teacher(model, ids: Tensor, teacher_hidden: Tensor, teacher_head, *, batch_size: int, chunk_size: int = 1024) -> AgreementSums:
     """Sums of KL(teacher || model), NLLs and top-1 agreement over `ids`; `teacher_hidden` from `final_hidden`."""
     device = next(model.parameters()).device
-    weight, bias = lm_head(model)
+    head = lm_head(model)
+    weight, bias = head
     total = AgreementSums(tokens=0, student_nll=0.0, teacher_nll=0.0, kl=0.0, top1_agree=0)
     for i in range(0, len(ids), batch_size):
         batch = ids[i : i + batch_size].to(device)
@@ -64,7 +65,7 @@ def kl_to_teacher(model, ids: Tensor, teacher_hidden: Tensor, teacher_head, *, b
         total = total + agreement_sums(
             h.reshape(-1, h.shape[-1]), weight.float(), None if bias is None else bias.float(),
             th.reshape(-1, th.shape[-1]), teacher_head[0].float(), None if teacher_head[1] is None else teacher_head[1].float(),
-            batch[:, 1:].reshape(-1), chunk_size=chunk_size,
+            batch[:, 1:].reshape(-1), chunk_size=chunk_size, softcap=head.softcap, teacher_softcap=getattr(teacher_head, "softcap", None),
         )
     return total
 

@@ -3,7 +3,7 @@ the teacher's tensors are cut down to one.
 
 Width pruning reads each tensor's role from its name (`q_proj.weight` is (heads*head_dim, hidden), ...),
 so every family whose tensors all have a known role prunes with this one table; depth pruning works for
-every family in `compress.architectures.LAYOUTS`.
+every family whose blocks `compress.architectures.layer_layout` finds.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Layer-by-layer GPTQ over calibration activations: the driver around the pure `gptq` core.
 
-Block i is calibrated on the outputs of blocks 0..i-1 *after* they were quantized, as in the paper;
-one table (`compress.architectures`) says where the blocks are, for every supported family.
+Block i is calibrated on the outputs of blocks 0..i-1 *after* they were quantized, as in the paper,
+with the arguments the model itself passes block i (its own mask and rotary table in hybrid models);
+`compress.architectures` says where the blocks are, for every supported family.
 """
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ from compress.architectures import get_blocks, layer_layout
 from compress.quantize.gptq import accumulate_hessian, gptq_shared
 from compress.quantize.grid import QuantGrid, QuantResult, rtn
 from compress.quantize.suspended import SuspendedForwards, Workers
-
-
-class _Captured(Exception):
-    """Raised by the hook on block 0 once its inputs are recorded: nothing after it needs to run."""
 
 
 class _StopForward(Exception):
@@ -67,29 +64,82 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn
     return {n: m for n, m in found.items() if not is_skipped(n, skip)}
 
 
+@dataclass
+class BlockInputs:
+    """What the model itself passes each block, captured from its own forward over the calibration batches.
+
+    `hidden[b]` is block 0's input for batch b; `kwargs[i][b]` block i's other arguments (attention mask,
+    rotary cos/sin, positions, ...) by name, positional ones (GPT-2's mask) included. They differ per
+    block in hybrid models (Gemma-2/3: sliding-window and global layers, each with its own mask and
+    rotary table), so each block is calibrated with its own, never block 0's."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]
+
+    def states(self, index: int, hidden: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, dict]]:
+        """(hidden states, keyword arguments) per batch for block `index`; `hidden` defaults to block 0's inputs."""
+        return list(zip(self.hidden if hidden is None else hidden, self.kwargs[index]))
+
+
+def _named_arguments(forward, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, every other argument by name) of one call of a block's forward."""
+    import inspect
+
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    named: dict = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(forward.__self__).__name__}.forward takes *{name}; its extra positional inputs cannot be replayed by name")
+        else:
+            named[name] = value
+    first = next(iter(bound.arguments))
+    return named.pop(first), named
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, keyword arguments) that block 0 receives for each calibration batch."""
-    block0 = get_blocks(model)[0]
-    captured: list[tuple[torch.Tensor, dict]] = []
+def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Block 0's hidden states and every block's own arguments for each calibration batch, from one pass of
+    the model's forward in which each block is replaced by a pass-through that records its arguments (no
+    block computes; the head never runs)."""
+    blocks = get_blocks(model)
+    captured = BlockInputs(hidden=[], kwargs=[[] for _ in blocks])
+    template: dict = {}  # the structure of a real block's output (a tensor in transformers 5, a tuple before)
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden, rest))
-        raise _Captured
+    def recorder(index: int, forward):
+        def record(*args, **kwargs):
+            hidden, named = _named_arguments(forward, args, kwargs)
+            if index == 0:
+                captured.hidden.append(hidden)
+            captured.kwargs[index].append(named)
+            if "out" not in template:
+                template["out"] = forward(*args, **kwargs)
+            out = template["out"]
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+        return record
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index, block.forward)
     device = next(model.parameters()).device
     try:
         for start in range(0, len(calib), batch_size):
-            try:
-                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
-            except _Captured:
-                pass
+            model.base_model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    missing = [i for i, kw in enumerate(captured.kwargs) if len(kw) != len(captured.hidden)]
+    if missing:
+        raise RuntimeError(f"{model.config.model_type}: the model's forward did not call blocks {missing} once per batch; they cannot be calibrated")
     return captured
+
+
+def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) that block 0 receives for each calibration batch."""
+    return capture_calibration(model, calib, batch_size).states(0)
 
 
 def _block_output(out):
@@ -131,14 +181,18 @@ def quantize_blocks(
     reports: list[LayerReport] = []
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
-    states = [(h.to(dtype), _cast_floats(kw, dtype)) for h, kw in capture_block_inputs(model, calib, batch_size)] if method == "gptq" else []
+    captured = capture_calibration(model, calib, batch_size) if method == "gptq" else BlockInputs([], [])
+    hidden = [h.to(dtype) for h in captured.hidden]
+    cast: dict = {}  # tensors the blocks share (one rotary table, one mask) are cast once
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
-    with Workers(len(states) if true_sequential else 0) as workers:  # threads kept for every block
+    with Workers(len(hidden) if true_sequential else 0) as workers:  # threads kept for every block
         run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results)
         for i, block in enumerate(blocks):
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             if method == "gptq":
-                states, block_reports = run(block, mine, f"{prefix}.{i}.", states)
+                states = [(h, _cast_floats(kw, dtype, cast)) for h, kw in captured.states(i, hidden)]
+                captured.kwargs[i] = []  # this block's own arguments are not needed again
+                hidden, block_reports = run(block, mine, f"{prefix}.{i}.", states)
             else:
                 block_reports = []
                 for name, module in mine.items():
@@ -165,9 +219,9 @@ class _BlockGPTQ:
     results: dict[str, QuantResult]
     shape: list[list[str]] | None = None  # the Linear groups, by name inside a block
 
-    def __call__(self, block: nn.Module, mine: dict[str, nn.Module], prefix: str, states) -> tuple[list, list[LayerReport]]:
+    def __call__(self, block: nn.Module, mine: dict[str, nn.Module], prefix: str, states) -> tuple[list[torch.Tensor], list[LayerReport]]:
         """Quantize the Linears `mine` (full name -> module) of `block` on its inputs `states`;
-        returns the quantized block's outputs (the next block's states) and the layer reports."""
+        returns the quantized block's outputs (the next block's hidden states) and the layer reports."""
         reports: list[LayerReport] = []
         # The copy that runs the forwards (the block itself in fp32), with its Linears by the same names.
         runner = block if self.dtype == torch.float32 else copy.deepcopy(block).to(self.dtype)
@@ -210,7 +264,7 @@ class _BlockGPTQ:
                 quantize_group(group, hessians[group[0]])
             outputs = [_block_output(runner(h, **kw)) for h, kw in states]
         # The next block sees what this block produces *now that it is quantized*.
-        return [(out, kw) for out, (_, kw) in zip(outputs, states)], reports
+        return outputs, reports
 
 
 _FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -224,14 +278,21 @@ def on_cpu(res: QuantResult) -> QuantResult:
     return dataclasses.replace(res, Q=res.Q.cpu(), codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu())
 
 
-def _cast_floats(value, dtype: torch.dtype):
-    """Floating tensors in a block's keyword arguments (rotary cos/sin, masks) cast to dtype."""
+def _cast_floats(value, dtype: torch.dtype, memo: dict | None = None):
+    """Floating tensors in a block's keyword arguments (rotary cos/sin, masks) cast to dtype; with `memo`,
+    a tensor shared by many blocks' arguments is cast once and stays shared."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        if not value.is_floating_point() or value.dtype == dtype:
+            return value
+        if memo is None:
+            return value.to(dtype)
+        if id(value) not in memo:
+            memo[id(value)] = (value, value.to(dtype))  # the source is kept so its id is not reused
+        return memo[id(value)][1]
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast_floats(v, dtype) for v in value)
+        return type(value)(_cast_floats(v, dtype, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+        return {k: _cast_floats(v, dtype, memo) for k, v in value.items()}
     return value
 
 

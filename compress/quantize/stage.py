@@ -44,6 +44,21 @@ def weights_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
+def check_quantizable_blocks(model) -> None:
+    """Refuse, before compute, blocks whose weights GPTQ/RTN would silently leave in float: mixture-of-experts
+    layers that keep every expert in one 3-D tensor (transformers 5's Qwen3MoeExperts, MixtralExperts)."""
+    prefix = layer_layout(model.config).blocks + "."
+    stacked = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() >= 3]
+    if stacked:
+        name, shape = stacked[0]
+        owner = type(model.get_submodule(name.rsplit(".", 1)[0])).__name__
+        raise QuantizeError(
+            f"{model.config.model_type}: {name} {shape} holds {shape[0]} experts in one tensor ({owner}, {len(stacked)} such tensors); "
+            "GPTQ/RTN per expert is not supported yet, so these weights would stay in float. Use --method bnb-nf4/bnb-int8, "
+            "or a dense model"
+        )
+
+
 def check_packable(model, spec) -> dict:
     """Refuse, before any calibration, layers the chosen bits/group size cannot be stored for."""
     head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
@@ -124,7 +139,7 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     model = models.load_model(source)
     if getattr(model.config, "quantization_config", None):
         raise QuantizeError(f"{source} is already quantized; quantize a float model")
-    layer_layout(model.config)  # unsupported architectures stop here, by name
+    check_quantizable_blocks(model)  # unsupported architectures and expert stacks stop here, by name
     tokenizer = models.load_tokenizer(source)
     device = _device(spec)
     held_out = eval_blocks(recipe, tokenizer)
