@@ -9,6 +9,11 @@ commit's code (a git worktree put on PYTHONPATH), in the same run, so the two pa
     python benchmarks/families_gptq.py --baseline 564e481 [--repeats 2]
 
 Writes benchmarks/results/families_gptq.json and the markdown table generated from it (`render`).
+
+    python benchmarks/families_gptq.py --compare-artifacts OLD_GPTQ_DIR NEW_GPTQ_DIR
+
+compares two `compress quantize` outputs of the same model (before and after a change): perplexity, quantize
+time and whether every stored tensor is bit-identical; writes families_gptq_teacher.{json,md}.
 """
 from __future__ import annotations
 
@@ -106,6 +111,38 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_artifacts(old: Path, new: Path) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    rows = []
+    for folder in (old, new):
+        record = json.loads((folder / "compress.json").read_text())
+        m = record["metrics"]
+        rows.append({"folder": str(folder), "commit": record.get("versions", {}).get("git") or record.get("git"), "ppl_before": m["ppl_before"], "ppl_after": m["ppl_after"],
+                     "quantize_time_s": m["quantize_time_s"], "created": record.get("created")})
+    same, different = 0, []
+    for a in sorted(old.glob("*.safetensors")):
+        with safe_open(str(a), "pt") as A, safe_open(str(new / a.name), "pt") as B:
+            for key in A.keys():
+                if torch.equal(A.get_tensor(key), B.get_tensor(key)):
+                    same += 1
+                else:
+                    different.append(key)
+    return {"rows": rows, "identical_tensors": same, "different_tensors": different}
+
+
+def render_compare(report: dict) -> str:
+    c = report["compare"]
+    lines = [f"`compress quantize` of the same model before and after the change. Command: `{report['command']}`, {report['machine']['cpu']}.", "",
+             "| folder | created | ppl before | ppl after | quantize time (s) |", "|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| `{r['folder']}` | {r['created']} | {r['ppl_before']:.4f} | {r['ppl_after']:.4f} | {r['quantize_time_s']:.1f} |")
+    lines += ["", f"Stored tensors bit-identical: {c['identical_tensors']}, different: {len(c['different_tensors'])}"
+              + (f" ({', '.join(c['different_tensors'][:5])})" if c["different_tensors"] else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
@@ -118,6 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--compare-artifacts", nargs=2, type=Path, metavar=("OLD", "NEW"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -126,6 +164,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         child(args)
+        return 0
+    if args.compare_artifacts:
+        report = report_header(args, ())
+        report["compare"] = compare_artifacts(*args.compare_artifacts)
+        out = args.out.with_name(args.out.name + "_teacher")
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(render_compare(report))
+        print(render_compare(report))
         return 0
     report = report_header(args, ("hidden", "layers", "vocab", "samples", "seq_len", "repeats", "threads"))
     rows = []

@@ -54,3 +54,7 @@ def test_results_tables_are_generated_from_their_json():
     from benchmarks import accuracy_level
 
     assert (results / "accuracy_level.md").read_text() == accuracy_level.render(json.loads((results / "accuracy_level.json").read_text()))
+    from benchmarks import families_gptq
+
+    assert (results / "families_gptq.md").read_text() == families_gptq.render(json.loads((results / "families_gptq.json").read_text()))
+    assert (results / "families_gptq_teacher.md").read_text() == families_gptq.render_compare(json.loads((results / "families_gptq_teacher.json").read_text()))
