@@ -1,5 +1,5 @@
-"""The fused decoder graph for Llama-like families (llama, mistral, qwen2, qwen3), written directly from the
-weights instead of traced through torch.onnx: the ops ONNX Runtime has fast CPU kernels for, the same ones
+"""The fused decoder graph for Llama-like families (llama, mistral, qwen2, qwen3) and Gemma-2/3, written directly
+from the weights instead of traced through torch.onnx: the ops ONNX Runtime has fast CPU kernels for, the same ones
 onnxruntime-genai's model builder emits.
 
 Per layer: `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (RMSNorm, with the residual add
@@ -33,7 +33,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+# Gemma's blocks: (1 + w) RMSNorms, a norm on each sublayer's output before the residual add ("sandwich"),
+# the embedding scaled by sqrt(hidden), GELU-tanh MLPs; Gemma-2 soft-caps attention scores and final logits.
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 MS_DOMAIN = "com.microsoft"
 WINDOW_OFFSET = 1
 OPSET = 23  # RMSNormalization (the first norm, which has no residual to fuse) is standard ONNX from opset 23
@@ -121,6 +124,11 @@ class DecoderSpec:
     scale: float
     windows: tuple[int, ...]  # GroupQueryAttention local_window_size per layer (-1 = full attention)
     qk_norm: bool
+    layer_types: tuple[str, ...]  # per layer; Gemma-3's two kinds have their own rotary base (cos/sin cache)
+    gemma: bool = False  # (1 + w) norms, sandwich norms, scaled embedding, GELU-tanh
+    embed_scale: float | None = None
+    attn_softcap: float = 0.0  # GroupQueryAttention softcap (0 = none)
+    final_softcap: float | None = None
 
 
 def decoder_spec(model) -> DecoderSpec:
@@ -135,6 +143,7 @@ def decoder_spec(model) -> DecoderSpec:
     types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(layers)
     # local_window_size = the config's window: the same keys as torch's sliding mask (checked on a window of 4).
     windows = tuple(window if (window and kind == "sliding_attention") else -1 for kind in types)
+    gemma = config.model_type in GEMMA_FAMILIES
     return DecoderSpec(
         model_type=config.model_type,
         num_layers=len(layers),
@@ -147,17 +156,24 @@ def decoder_spec(model) -> DecoderSpec:
         scale=float(getattr(attn, "scaling", head_dim**-0.5)),
         windows=windows,
         qk_norm=hasattr(attn, "q_norm"),
+        layer_types=tuple(types),
+        gemma=gemma,
+        embed_scale=float(model.model.embed_tokens.embed_scale) if gemma else None,
+        attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        final_softcap=float(config.final_logit_softcapping) if getattr(config, "final_logit_softcapping", None) else None,
     )
 
 
-def rotary_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(length, rotary_dim / 2) cos and sin from the model's own rotary module (rope scaling included)."""
+def rotary_caches(model, length: int, head_dim: int, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(length, rotary_dim / 2) cos and sin from the model's own rotary module (rope scaling included); for
+    models with a rotary base per layer type (Gemma-3: local and global), the one of `layer_type`."""
     import torch
 
     rotary = model.model.rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = rotary(x, torch.arange(length)[None])
+        per_type = len(getattr(rotary, "layer_types", ())) > 0
+        cos, sin = rotary(x, torch.arange(length)[None], layer_type) if per_type else rotary(x, torch.arange(length)[None])
     if cos.shape[-1] != head_dim:
         raise ValueError(f"rotary dimension {cos.shape[-1]} != head size {head_dim}: partial rotary is not written by the fused graph; export with exporter='dynamo'")
     half = cos.shape[-1] // 2
@@ -173,30 +189,45 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
     g = GraphWriter()
     fused: dict[str, list[str]] = {}
     length = int(context_length or getattr(model.config, "max_position_embeddings", 0) or 4096)
-    cos, sin = rotary_caches(model, length, spec.head_dim)
-    g.init("cos_cache", cos)
-    g.init("sin_cache", sin)
+    caches: dict[str, tuple[str, str]] = {}  # layer type -> (cos, sin) cache names; one pair unless the bases differ
+    written: list[tuple[np.ndarray, np.ndarray, tuple[str, str]]] = []
+    for kind in dict.fromkeys(spec.layer_types):
+        cos, sin = rotary_caches(model, length, spec.head_dim, kind)
+        same = next((names for c, s_, names in written if np.array_equal(c, cos) and np.array_equal(s_, sin)), None)
+        if same is None:
+            suffix = "" if not written else f"_{kind}"
+            same = (g.init(f"cos_cache{suffix}", cos), g.init(f"sin_cache{suffix}", sin))
+            written.append((cos, sin, same))
+        caches[kind] = same
     seqlens, total, bias, seq = _mask_inputs(g)
 
     embed = model.model.embed_tokens.weight.detach().float().numpy()
     x = g.node("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], "embeddings", name="embed_tokens/Gather")[0]
+    if spec.embed_scale is not None:  # Gemma: embeddings * sqrt(hidden), the scale in the weights' dtype
+        x = g.node("Mul", [x, g.init("model.embed_tokens.embed_scale", np.asarray(spec.embed_scale, np.float32))], "embeddings_scaled", name="embed_tokens/Scale")[0]
     residual, pending = x, None  # `pending` is the last block's output, added to the residual by the next norm
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}"
-        normed, residual = _norm(g, f"{prefix}.input_layernorm", layer.input_layernorm, residual, pending, spec.eps)
+        normed, residual = _norm(g, f"{prefix}.input_layernorm", layer.input_layernorm, residual, pending, spec)
         attn = layer.self_attn
         qkv_names = [f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
         qkv = projector.project(g, normed, qkv_names, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.self_attn.qkv")
         fused[fused_name(qkv_names)] = qkv_names
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        gqa_inputs = [qkv, "", "", *past, seqlens, total, "cos_cache", "sin_cache", "", bias]
+        gqa_inputs = [qkv, "", "", *past, seqlens, total, *caches[spec.layer_types[i]], "", bias]
         attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=spec.scale, local_window_size=spec.windows[i])
+        if spec.attn_softcap:
+            attrs["softcap"] = spec.attn_softcap
         if spec.qk_norm:
             gqa_inputs[:3] = _qk_norm(g, f"{prefix}.self_attn", qkv, attn, spec)
         context = g.node("GroupQueryAttention", gqa_inputs, [f"{prefix}.self_attn.context", f"present.{i}.key", f"present.{i}.value"], name=f"{prefix}.self_attn/GroupQueryAttention", domain=MS_DOMAIN, **attrs)[0]
         o_name = f"{prefix}.self_attn.o_proj"
         pending = projector.project(g, context, [o_name], [attn.o_proj], f"{o_name}.out")
-        normed, residual = _norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, residual, pending, spec.eps)
+        if spec.gemma:  # the attention output is normed before the residual add; the MLP reads pre_feedforward_layernorm
+            pending = _plain_norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, pending, spec)
+            normed, residual = _norm(g, f"{prefix}.pre_feedforward_layernorm", layer.pre_feedforward_layernorm, residual, pending, spec)
+        else:
+            normed, residual = _norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, residual, pending, spec)
         mlp = layer.mlp
         gu_names = [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"]
         down = f"{prefix}.mlp.down_proj"
@@ -205,12 +236,20 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         order = projector.mlp_input_order(gu_names, down) if hasattr(projector, "mlp_input_order") else None
         gate_up = projector.project(g, normed, gu_names, [mlp.gate_proj, mlp.up_proj], f"{prefix}.mlp.gate_up", **({"out_perm": order} if order is not None else {}))
         fused[fused_name(gu_names)] = gu_names
-        act = _swiglu(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features)
+        act = _gated(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features, "gelu_tanh" if spec.gemma else "silu")
         pending = projector.project(g, act, [down], [mlp.down_proj], f"{down}.out", **({"input_ordered": True} if order is not None else {}))
-    normed, _ = _norm(g, "model.norm", model.model.norm, residual, pending, spec.eps)
+        if spec.gemma:
+            pending = _plain_norm(g, f"{prefix}.post_feedforward_layernorm", layer.post_feedforward_layernorm, pending, spec)
+    normed, _ = _norm(g, "model.norm", model.model.norm, residual, pending, spec)
     normed = _keep_last(g, normed, seq)
     head = model.lm_head.weight.detach().float().numpy().T  # (hidden, vocab); a tied head gets its own copy
-    g.node("MatMul", [normed, g.init("lm_head.weight", np.ascontiguousarray(head))], "logits", name="lm_head/MatMul")
+    logits = "logits" if spec.final_softcap is None else "logits_uncapped"
+    g.node("MatMul", [normed, g.init("lm_head.weight", np.ascontiguousarray(head))], logits, name="lm_head/MatMul")
+    if spec.final_softcap is not None:  # Gemma-2: cap * tanh(logits / cap)
+        cap = g.init("final_logit_softcapping", np.asarray(spec.final_softcap, np.float32))
+        scaled = g.node("Div", [logits, cap], "logits_scaled", name="logits/SoftcapDiv")[0]
+        bent = g.node("Tanh", [scaled], "logits_tanh", name="logits/SoftcapTanh")[0]
+        g.node("Mul", [bent, cap], "logits", name="logits/SoftcapMul")
     return _model(g, spec, input_names(spec.num_layers), output_names(spec.num_layers)), fused
 
 
@@ -218,9 +257,21 @@ def _weight(module) -> np.ndarray:
     return module.weight.detach().float().numpy()
 
 
-def _norm(g: GraphWriter, name: str, module, residual: str, pending: str | None, eps: float) -> tuple[str, str]:
+def _gamma(module, spec: DecoderSpec) -> np.ndarray:
+    """The RMSNorm's scale as the kernels apply it: Gemma's norms multiply by (1 + w), stored as w."""
+    w = _weight(module)
+    return (1.0 + w).astype(np.float32) if spec.gemma else w
+
+
+def _plain_norm(g: GraphWriter, name: str, module, x: str, spec: DecoderSpec) -> str:
+    """RMSNorm of x alone (Gemma's norms of a sublayer's output, before its residual add)."""
+    return g.node("RMSNormalization", [x, g.init(f"{name}.weight", _gamma(module, spec))], f"{name}.out", name=f"{name}/RMSNormalization", axis=-1, epsilon=spec.eps, stash_type=1)[0]
+
+
+def _norm(g: GraphWriter, name: str, module, residual: str, pending: str | None, spec: DecoderSpec) -> tuple[str, str]:
     """RMSNorm of residual (+ pending): (normalized, new residual)."""
-    gamma = g.init(f"{name}.weight", _weight(module))
+    eps = spec.eps
+    gamma = g.init(f"{name}.weight", _gamma(module, spec))
     if pending is None:
         # ONNX Runtime's SimplifiedLayerNormalization is not a schema onnx.checker knows; RMSNormalization is.
         out = g.node("RMSNormalization", [residual, gamma], f"{name}.out", name=f"{name}/RMSNormalization", axis=-1, epsilon=eps, stash_type=1)[0]
@@ -237,16 +288,21 @@ def _qk_norm(g: GraphWriter, prefix: str, qkv: str, attn, spec: DecoderSpec) -> 
     normed = []
     for name, x, module in (("q_norm", q, attn.q_norm), ("k_norm", k, attn.k_norm)):
         heads = g.node("Reshape", [x, g.const([0, 0, -1, spec.head_dim])], f"{prefix}.{name}.heads", name=f"{prefix}/{name}/Reshape")[0]
-        y = g.node("RMSNormalization", [heads, g.init(f"{prefix}.{name}.weight", _weight(module))], f"{prefix}.{name}.out", name=f"{prefix}/{name}/RMSNormalization", axis=-1, epsilon=float(module.variance_epsilon), stash_type=1)[0]
+        eps = float(getattr(module, "variance_epsilon", None) or module.eps)
+        y = g.node("RMSNormalization", [heads, g.init(f"{prefix}.{name}.weight", _gamma(module, spec))], f"{prefix}.{name}.out", name=f"{prefix}/{name}/RMSNormalization", axis=-1, epsilon=eps, stash_type=1)[0]
         normed.append(g.node("Reshape", [y, g.const([0, 0, -1])], f"{prefix}.{name}.flat", name=f"{prefix}/{name}/Flatten")[0])
     return [normed[0], normed[1], v]
 
 
-def _swiglu(g: GraphWriter, prefix: str, gate_up: str, width: int) -> str:
+def _gated(g: GraphWriter, prefix: str, gate_up: str, width: int, activation: str) -> str:
+    """act(gate) * up: SiLU (Llama-like) or GELU with the tanh approximation (Gemma's gelu_pytorch_tanh)."""
     gate, up = g.node("Split", [gate_up, g.const([width, width])], [f"{prefix}.gate", f"{prefix}.up"], name=f"{prefix}/Split", axis=-1)
-    sig = g.node("Sigmoid", [gate], f"{prefix}.gate_sigmoid", name=f"{prefix}/Sigmoid")[0]
-    silu = g.node("Mul", [gate, sig], f"{prefix}.gate_silu", name=f"{prefix}/SiLU")[0]
-    return g.node("Mul", [silu, up], f"{prefix}.act", name=f"{prefix}/Mul")[0]
+    if activation == "gelu_tanh":
+        act = g.node("Gelu", [gate], f"{prefix}.gate_gelu", name=f"{prefix}/Gelu", approximate="tanh")[0]
+    else:
+        sig = g.node("Sigmoid", [gate], f"{prefix}.gate_sigmoid", name=f"{prefix}/Sigmoid")[0]
+        act = g.node("Mul", [gate, sig], f"{prefix}.gate_silu", name=f"{prefix}/SiLU")[0]
+    return g.node("Mul", [act, up], f"{prefix}.act", name=f"{prefix}/Mul")[0]
 
 
 def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:

@@ -106,11 +106,17 @@ def test_speed_cost_and_files(bench, zoo):
         assert rows[label]["size_bytes"] == sum(f.stat().st_size for f in zoo[label].glob("*.safetensors"))
     assert rows["onnx"]["size_bytes"] == sum(f.stat().st_size for f in zoo["onnx"].glob("model.onnx*"))
     assert rows["rtn4"]["size_bytes"] < rows["teacher"]["size_bytes"]
+    # The tied embedding + head, stored once: 384 x 64 fp32 in the safetensors folders (the RTN copy keeps its head
+    # in float); the legacy ONNX export stores the head's transposed copy beside the table: twice that.
+    table = 384 * 64 * 4
+    assert [rows[k]["vocab_bytes"] for k in ("teacher", "student", "rtn4", "onnx")] == [table, table, table, 2 * table]
     assert [rows[k]["kind"] for k in ("teacher", "rtn4", "onnx")] == ["float", "gptq", "onnx"]
     out = bench.output
     assert json.loads((out / "results.json").read_text())["artifacts"][1]["label"] == "student"
     report = (out / "report.md").read_text()
     assert all(f"`{label}`" in report for label in rows) and "KL/token" in report and "decode b2 (tok/s)" in report
+    share = 100 * rows["rtn4"]["vocab_bytes"] / rows["rtn4"]["size_bytes"]
+    assert f"| {384 * 64 * 4 / 2**20:.1f} ({share:.0f}%) |" in report  # the embedding's share of the quantized copy
     for png in ("quality_vs_size.png", "quality_vs_speed.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.results["settings"]["eval_tokens"] == 320 and bench.results["machine"]["cpu_count"] >= 1

@@ -37,13 +37,19 @@ def decode_rate(entry: dict, batch: int | str) -> float | None:
     return _get(entry, "speed", "decode", str(batch), "tokens_per_s_median")
 
 
+def _vocab_cell(vocab: int | None, size: int | None) -> str:
+    if vocab is None or not size:
+        return "–"
+    return f"{vocab / 2**20:.1f} ({100 * vocab / size:.0f}%)"
+
+
 def render_markdown(results: dict) -> str:
     artifacts = results["artifacts"]
     settings = results["settings"]
     machine = results["machine"]
     lengths = [str(n) for n in settings["prompt_lengths"]]
     batches = [str(b) for b in settings["batch_sizes"]]
-    head = ["artifact", "kind", "params (M)", "size (MB)", "ppl"]
+    head = ["artifact", "kind", "params (M)", "size (MB)", "embedding + head (MB, share)", "ppl"]
     if settings.get("teacher"):
         head += ["KL/token", "top-1 agree"]
     head += [f"prefill {n} (ms)" for n in lengths] + [f"decode b{b} (tok/s)" for b in batches] + ["peak RSS (MB)"]
@@ -54,6 +60,7 @@ def render_markdown(results: dict) -> str:
         label = f"`{a['label']}`" + (" (non-finite)" if a.get("non_finite") else "")
         cells = [label, a["kind"], _fmt(a.get("parameters") and a["parameters"] / 1e6, ".1f"),
                  _fmt(size and size / 2**20, ".1f") + _ratio(size, base.get("size_bytes")),
+                 _vocab_cell(a.get("vocab_bytes"), size),
                  _cell(a, "quality", "ppl") + _ratio(_get(a, "quality", "ppl"), _get(base, "quality", "ppl"))]
         if settings.get("teacher"):
             cells += [_cell(a, "quality", "kl_per_token", ".4f"), _cell(a, "quality", "top1_agreement", ".1f", 100, "%")]

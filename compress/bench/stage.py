@@ -23,7 +23,7 @@ from compress.artifacts import OutputKind, check_output, cpu_name, library_versi
 from compress.bench import report as report_md
 from compress.bench.quality import measure_quality
 from compress.bench.speed import measure_in_subprocess
-from compress.bench.subjects import BenchInputError, count_parameters, inspect_artifact, load_tokenizer, open_subject, teacher_from_lineage, weight_bytes
+from compress.bench.subjects import BenchInputError, count_parameters, inspect_artifact, load_tokenizer, open_subject, teacher_from_lineage, vocab_bytes, weight_bytes
 from compress.data import packed_blocks
 from compress.recipe import BenchSpec
 
@@ -245,6 +245,7 @@ def run_bench(
             "sha256": i.sha256,
             "parameters": count_parameters(i.config),
             "size_bytes": weight_bytes(i.path),
+            "vocab_bytes": vocab_bytes(i.path, (i.config or {}).get("vocab_size")),
             "quality": quality,
             "speed": speed,
             NON_FINITE: bad,

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,36 @@ def weight_bytes(folder: Path | None) -> int | None:
     if folder is None:
         return None
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def vocab_bytes(folder: Path | None, vocab: int | None) -> int | None:
+    """Bytes of the stored tensors with a vocabulary-sized dimension: the token embedding and the LM head (their
+    codes too, once quantized; a tied pair counts once). On small models and large vocabularies (Gemma-3: 262k)
+    they are most of the artifact."""
+    if folder is None or not vocab:
+        return None
+    total = 0
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    shape = piece.get_shape()
+                    if vocab in shape:
+                        total += math.prod(shape) * _SAFETENSORS_ITEMSIZE.get(piece.get_dtype(), 4)
+        elif path.suffix == ".onnx":
+            import numpy as np
+            import onnx
+
+            for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+                if vocab in init.dims:
+                    total += math.prod(init.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return total
 
 
 def count_parameters(config: dict) -> int:
