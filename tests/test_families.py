@@ -195,3 +195,27 @@ def test_mixture_of_experts_is_refused_by_quantize_before_compute(tmp_path, toke
     with pytest.raises(QuantizeError, match=r"model.layers.0.mlp.experts.gate_up_proj \(4, .*Qwen3MoeExperts.*per expert is not supported"):
         run_quantize(make_recipe(tmp_path, text_files), str(tmp_path / "moe"), tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_phi3_long_context_rotary_exports_and_generates_as_transformers(tmp_path, tokenizer_dir):
+    """Phi-3's longrope switches from the short to the long factors past the original context (16 here), so the
+    runtime's greedy tokens are checked on both sides of it. The export's batch-vs-alone bar is lifted for such
+    models: torch itself gives a short prompt different numbers alone (short factors) and in a long batch."""
+    from conftest import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from compress_exporters.onnx import export_onnx
+    from compress_exporters.runtime import OnnxCausalLM
+
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0]}
+    folder = save_tiny(tmp_path / "phi3", "phi3", tokenizer_dir, train_steps=20, max_position_embeddings=128, original_max_position_embeddings=16, rope_scaling=rope)
+    result = export_onnx(folder, tmp_path / "onnx")  # dynamo (the legacy tracer cannot write longrope's factor switch)
+    assert result.validation["passed"] and result.validation["max_rel_diff"] < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    lm = OnnxCausalLM.from_dir(result.artifact)
+    for length in (8, 30):  # a prefill inside the original context, and one past it
+        prompt = torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        ours = list(lm.greedy_tokens(prompt, 20))
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, length:].tolist()
+        assert ours == ref, f"prompt of {length}: {ours} vs {ref}"
