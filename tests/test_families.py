@@ -219,3 +219,27 @@ def test_phi3_long_context_rotary_exports_and_generates_as_transformers(tmp_path
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, length:].tolist()
         assert ours == ref, f"prompt of {length}: {ours} vs {ref}"
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_distill_and_prune_refuse_what_is_not_a_causal_lm_before_loading_it(tmp_path, tokenizer_dir, text_files, monkeypatch, kind):
+    from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, T5Config, T5ForConditionalGeneration
+
+    from compress import cli, models
+    from compress.architectures import UnsupportedArchitectureError
+    from compress.distill.loop import run_distill
+
+    folder = tmp_path / kind
+    if kind == "bert":
+        BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True)).save_pretrained(folder)
+    else:
+        T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights loaded before the architecture check"))
+    match = "encoder stack" if kind == "bert" else "encoder-decoder"
+    for student in ({"from_teacher": {"layers": 1}}, {"config": {"num_hidden_layers": 1}}):
+        recipe = validate_recipe(dict(tiny_recipe(tmp_path, folder, text_files), student=student))
+        with pytest.raises(UnsupportedArchitectureError, match=match):
+            run_distill(recipe, progress=False)
+    assert cli.main(["prune", str(folder), "--target-params", "0.5", "--output", str(tmp_path / "pruned")]) != 0
+    assert not (tmp_path / "pruned").exists()

@@ -93,12 +93,15 @@ def build_student(recipe: Recipe, teacher_config, teacher_vocab: int, teacher_to
 def check_student(recipe: Recipe) -> None:
     """Refuse, from the teacher's config alone, a student section that cannot fit the teacher
     (layer indices out of range, a prune budget no valid shape meets, a shape that breaks head groups)."""
+    from compress.architectures import layer_layout
+    from compress.prune.stage import meta_model, plan_prune
+
+    t = recipe.teacher
+    layer_layout(models.load_config(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code))  # not a decoder-only causal LM: stops here, by name
     spec = recipe.student
     if spec.from_teacher is None and spec.prune is None:
         return
-    from compress.prune.stage import meta_model, plan_prune
-
-    structure = meta_model(recipe.teacher.model, trust_remote_code=recipe.teacher.trust_remote_code)
+    structure = meta_model(t.model, trust_remote_code=t.trust_remote_code)
     if spec.from_teacher is not None:
         from compress.architectures import num_layers, select_layers
 

@@ -208,7 +208,10 @@ def meta_model(source: str, *, trust_remote_code: bool = False) -> nn.Module:
     """The model's structure on the meta device: enough to plan a prune without loading weights."""
     from transformers import AutoModelForCausalLM
 
+    from compress.architectures import layer_layout
+
     config = models.load_config(source, trust_remote_code=trust_remote_code)
+    layer_layout(config)  # not a decoder-only causal LM: refused here, by name
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
