@@ -79,3 +79,22 @@ def test_shared_arguments_are_cast_once():
     assert cast[0]["position_embeddings"][0].dtype == torch.bfloat16
     assert cast[0]["position_embeddings"][0] is cast[2]["position_embeddings"][0]  # two sliding layers, one table
     assert not torch.equal(cast[0]["position_embeddings"][0], cast[1]["position_embeddings"][0])  # the global layer's own base
+
+
+@torch.no_grad()
+def test_a_block_forward_wrapped_by_someone_else_is_restored():
+    """accelerate's hooks replace a module's forward on the instance; capturing must put that one back."""
+    model = _hybrid("gemma3_text")
+    block = get_blocks(model)[1]
+    calls = []
+    original = block.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    capture_calibration(model, torch.randint(3, 96, (2, 16)), batch_size=2)
+    assert block.forward is wrapped and "forward" not in get_blocks(model)[0].__dict__
+    model(input_ids=torch.randint(3, 96, (1, 8)))
+    assert calls == [1]

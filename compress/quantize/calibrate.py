@@ -81,22 +81,23 @@ class BlockInputs:
         return list(zip(self.hidden if hidden is None else hidden, self.kwargs[index]))
 
 
-def _named_arguments(forward, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
-    """(hidden states, every other argument by name) of one call of a block's forward."""
+def _named_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, every other argument by name) of one call of a block, named by its class's forward (an
+    instance-level wrapper, e.g. accelerate's, takes *args and **kwargs and would name nothing)."""
     import inspect
 
-    bound = inspect.signature(forward).bind(*args, **kwargs)
+    bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs)
     named: dict = {}
-    for name, value in bound.arguments.items():
+    for name, value in list(bound.arguments.items())[1:]:  # without self
         kind = bound.signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
             if value:
-                raise TypeError(f"{type(forward.__self__).__name__}.forward takes *{name}; its extra positional inputs cannot be replayed by name")
+                raise TypeError(f"{type(block).__name__}.forward takes *{name}; its extra positional inputs cannot be replayed by name")
         else:
             named[name] = value
-    first = next(iter(bound.arguments))
+    first = next(iter(named))
     return named.pop(first), named
 
 
@@ -109,9 +110,9 @@ def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) 
     captured = BlockInputs(hidden=[], kwargs=[[] for _ in blocks])
     template: dict = {}  # the structure of a real block's output (a tensor in transformers 5, a tuple before)
 
-    def recorder(index: int, forward):
+    def recorder(index: int, block: nn.Module, forward):
         def record(*args, **kwargs):
-            hidden, named = _named_arguments(forward, args, kwargs)
+            hidden, named = _named_arguments(block, args, kwargs)
             if index == 0:
                 captured.hidden.append(hidden)
             captured.kwargs[index].append(named)
@@ -122,15 +123,21 @@ def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) 
 
         return record
 
+    # A block may already carry an instance-level forward (accelerate's offload hooks wrap it that way): it is
+    # restored afterwards, not deleted.
+    own = [block.__dict__.get("forward") for block in blocks]
     for index, block in enumerate(blocks):
-        block.forward = recorder(index, block.forward)
+        block.forward = recorder(index, block, block.forward)
     device = next(model.parameters()).device
     try:
         for start in range(0, len(calib), batch_size):
             model.base_model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
     finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = forward
     missing = [i for i, kw in enumerate(captured.kwargs) if len(kw) != len(captured.hidden)]
     if missing:
         raise RuntimeError(f"{model.config.model_type}: the model's forward did not call blocks {missing} once per batch; they cannot be calibrated")
