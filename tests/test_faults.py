@@ -318,7 +318,8 @@ def test_non_finite_results_are_valid_json_flagged_and_fail_the_command(tmp_path
     assert {"quality.ppl", "quality.nll_per_token", "quality.kl_per_token"} <= set(rows["nan"]["non_finite"])
     assert rows["good"]["non_finite"] == [] and rows["good"]["quality"]["ppl"] > 1
     report = (out / "report.md").read_text()
-    assert "| `nan` (non-finite) |" in report and "non-finite" in report.split("| `nan`")[1].splitlines()[0].split("|")[4]
+    header = next(line for line in report.splitlines() if line.startswith("| artifact |")).split("|")
+    assert "| `nan` (non-finite) |" in report and "non-finite" in report.split("| `nan`")[1].splitlines()[0].split("|")[header.index(" ppl ") - 1]
     assert "Non-finite" in report
 
     # rerun: the stored measurement is reused, still flagged, still an error
