@@ -168,11 +168,11 @@ def _check_models(recipe: Recipe) -> list[str]:
     if e is not None and e.exporter == "fused":
         from types import SimpleNamespace
 
-        from compress_exporters.build import fused_refusal
+        from compress_exporters.build import fused_refusal, rope_type
 
         heads = getattr(config, "num_attention_heads", 1)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim)), e.weights, e.int8_method, e.device)
+        why = fused_refusal(SimpleNamespace(model_type=config.model_type, head_dim=int(head_dim), rope_type=rope_type(config)), e.weights, e.int8_method, e.device)
         if why:
             return [f"export.exporter fused: {why}; use export.exporter auto (it falls back to torch.onnx)"]
     try:

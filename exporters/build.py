@@ -22,6 +22,12 @@ class Source:
     quantization: dict  # config.json quantization_config ({} for float)
     model_type: str
     head_dim: int
+    rope_type: str | None = None  # "longrope" (Phi-3 128k) switches rotary factors with the length: not in the fused graph
+
+
+def rope_type(config) -> str | None:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type") or rope.get("type")
 
 
 def inspect_source(model_dir, weights: str) -> Source:
@@ -64,7 +70,7 @@ def inspect_source(model_dir, weights: str) -> Source:
             )
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)) // heads
-    return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant, model_type=config.model_type, head_dim=int(head_dim))
+    return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant, model_type=config.model_type, head_dim=int(head_dim), rope_type=rope_type(config))
 
 
 def fused_refusal(source: Source, weights: str, int8_method: str, device: str = "cpu") -> str | None:
@@ -80,6 +86,8 @@ def fused_refusal(source: Source, weights: str, int8_method: str, device: str = 
         return f"the fused graph exports fp32, int8 (MatMulNBits) and int4, not {weights if weights == 'fp16' else 'int8 dynamic'}"
     if source.head_dim % 16:
         return f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16 (this model's is {source.head_dim})"
+    if getattr(source, "rope_type", None) in ("longrope", "dynamic"):
+        return f"{source.rope_type} rotary scaling changes its factors with the sequence length; the fused graph's cos/sin caches are fixed"
     return None
 
 
@@ -90,7 +98,7 @@ def _batch_judged(tolerance: Tolerance, config, prompts) -> Tolerance:
     import dataclasses
 
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = rope.get("rope_type") or rope.get("type")
+    kind = rope_type(config)
     original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     if kind in ("longrope", "dynamic") and original and max(map(len, prompts)) + DECODE_STEPS > int(original):
         return dataclasses.replace(tolerance, max_batch_rel_diff=None)

@@ -1,5 +1,5 @@
-"""The fused decoder graph for Llama-like families (llama, mistral, qwen2, qwen3) and Gemma-2/3, written directly
-from the weights instead of traced through torch.onnx: the ops ONNX Runtime has fast CPU kernels for, the same ones
+"""The fused decoder graph for Llama-like families (llama, mistral, qwen2, qwen3), Gemma-2/3 and Phi-3, written
+directly from the weights instead of traced through torch.onnx: the ops ONNX Runtime has fast CPU kernels for, the same ones
 onnxruntime-genai's model builder emits.
 
 Per layer: `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (RMSNorm, with the residual add
@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # Gemma's blocks: (1 + w) RMSNorms, a norm on each sublayer's output before the residual add ("sandwich"),
 # the embedding scaled by sqrt(hidden), GELU-tanh MLPs; Gemma-2 soft-caps attention scores and final logits.
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
@@ -129,6 +129,7 @@ class DecoderSpec:
     embed_scale: float | None = None
     attn_softcap: float = 0.0  # GroupQueryAttention softcap (0 = none)
     final_softcap: float | None = None
+    activation: str = "silu"  # of the gated MLP: "silu" or "gelu_tanh"
 
 
 def decoder_spec(model) -> DecoderSpec:
@@ -161,7 +162,18 @@ def decoder_spec(model) -> DecoderSpec:
         embed_scale=float(model.model.embed_tokens.embed_scale) if gemma else None,
         attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         final_softcap=float(config.final_logit_softcapping) if getattr(config, "final_logit_softcapping", None) else None,
+        activation=_activation(config),
     )
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _activation(config) -> str:
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"{config.model_type}: MLP activation {name!r} is not written by the fused graph (silu, gelu_pytorch_tanh); export with exporter='dynamo'")
+    return _ACTIVATIONS[name]
 
 
 def rotary_caches(model, length: int, head_dim: int, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -210,8 +222,11 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         prefix = f"model.layers.{i}"
         normed, residual = _norm(g, f"{prefix}.input_layernorm", layer.input_layernorm, residual, pending, spec)
         attn = layer.self_attn
-        qkv_names = [f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-        qkv = projector.project(g, normed, qkv_names, [attn.q_proj, attn.k_proj, attn.v_proj], f"{prefix}.self_attn.qkv")
+        if hasattr(attn, "qkv_proj"):  # Phi-3: q/k/v are already one Linear
+            qkv_names, qkv_modules = [f"{prefix}.self_attn.qkv_proj"], [attn.qkv_proj]
+        else:
+            qkv_names, qkv_modules = [f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv = projector.project(g, normed, qkv_names, qkv_modules, f"{prefix}.self_attn.qkv")
         fused[fused_name(qkv_names)] = qkv_names
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         gqa_inputs = [qkv, "", "", *past, seqlens, total, *caches[spec.layer_types[i]], "", bias]
@@ -229,14 +244,17 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         else:
             normed, residual = _norm(g, f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, residual, pending, spec)
         mlp = layer.mlp
-        gu_names = [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"]
         down = f"{prefix}.mlp.down_proj"
-        # An act-order down_proj reads its input in group order: gate/up can write their outputs in that order
-        # (SwiGLU is elementwise), which saves a Gather per layer.
-        order = projector.mlp_input_order(gu_names, down) if hasattr(projector, "mlp_input_order") else None
-        gate_up = projector.project(g, normed, gu_names, [mlp.gate_proj, mlp.up_proj], f"{prefix}.mlp.gate_up", **({"out_perm": order} if order is not None else {}))
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up are one Linear, gate's rows first
+            gu_names, gu_modules, width, order = [f"{prefix}.mlp.gate_up_proj"], [mlp.gate_up_proj], mlp.gate_up_proj.out_features // 2, None
+        else:
+            gu_names, gu_modules, width = [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], [mlp.gate_proj, mlp.up_proj], mlp.gate_proj.out_features
+            # An act-order down_proj reads its input in group order: gate/up can write their outputs in that order
+            # (SwiGLU is elementwise), which saves a Gather per layer.
+            order = projector.mlp_input_order(gu_names, down) if hasattr(projector, "mlp_input_order") else None
+        gate_up = projector.project(g, normed, gu_names, gu_modules, f"{prefix}.mlp.gate_up", **({"out_perm": order} if order is not None else {}))
         fused[fused_name(gu_names)] = gu_names
-        act = _gated(g, f"{prefix}.mlp", gate_up, mlp.gate_proj.out_features, "gelu_tanh" if spec.gemma else "silu")
+        act = _gated(g, f"{prefix}.mlp", gate_up, width, spec.activation)
         pending = projector.project(g, act, [down], [mlp.down_proj], f"{down}.out", **({"input_ordered": True} if order is not None else {}))
         if spec.gemma:
             pending = _plain_norm(g, f"{prefix}.post_feedforward_layernorm", layer.post_feedforward_layernorm, pending, spec)

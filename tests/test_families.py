@@ -209,6 +209,12 @@ def test_phi3_long_context_rotary_exports_and_generates_as_transformers(tmp_path
 
     rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0]}
     folder = save_tiny(tmp_path / "phi3", "phi3", tokenizer_dir, train_steps=20, max_position_embeddings=128, original_max_position_embeddings=16, rope_scaling=rope)
+    from types import SimpleNamespace
+
+    from compress_exporters.build import fused_refusal
+
+    # Fixed cos/sin caches cannot follow the factor switch: the fused graph refuses it, auto takes torch.onnx.
+    assert "longrope" in fused_refusal(SimpleNamespace(model_type="phi3", head_dim=16, rope_type="longrope"), "int4", "matmulnbits")
     result = export_onnx(folder, tmp_path / "onnx")  # dynamo (the legacy tracer cannot write longrope's factor switch)
     assert result.validation["passed"] and result.validation["max_rel_diff"] < 1e-5
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
