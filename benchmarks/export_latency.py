@@ -342,6 +342,14 @@ def report_header(args, settings: tuple[str, ...]) -> dict:
     }
 
 
+def write_report(report: dict, out: Path, render) -> None:
+    """results JSON at `out`.json, the markdown generated from it at `out`.md, the markdown printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -355,10 +363,7 @@ def main(argv=None) -> int:
     if args.student:
         report["models"]["student"] = bench_model("student", str(args.student), args.student_gptq, None, args, bandwidth)
     report["load_average_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(render(report))
-    print(render(report))
+    write_report(report, args.out, render)
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_latency import report_header  # noqa: E402
+from export_latency import report_header, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "families_gptq"
@@ -168,10 +168,7 @@ def main(argv=None) -> int:
     if args.compare_artifacts:
         report = report_header(args, ())
         report["compare"] = compare_artifacts(*args.compare_artifacts)
-        out = args.out.with_name(args.out.name + "_teacher")
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(render_compare(report))
-        print(render_compare(report))
+        write_report(report, args.out.with_name(args.out.name + "_teacher"), render_compare)
         return 0
     report = report_header(args, ("hidden", "layers", "vocab", "samples", "seq_len", "repeats", "threads"))
     rows = []
@@ -186,10 +183,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     report["rows"] = rows
     report["load_average_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(render(report))
-    print(render(report))
+    write_report(report, args.out, render)
     return 0
 
 
