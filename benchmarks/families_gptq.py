@@ -48,6 +48,8 @@ def family_config(family: str, hidden: int, layers: int, vocab: int):
         "gpt2": dict(n_embd=hidden, n_head=heads, n_inner=3 * hidden, n_layer=layers, n_positions=2048),
         "gpt_neox": dict(hidden_size=hidden, intermediate_size=3 * hidden, num_attention_heads=heads, num_hidden_layers=layers, max_position_embeddings=2048),
         "opt": dict(hidden_size=hidden, ffn_dim=3 * hidden, num_attention_heads=heads, num_hidden_layers=layers, word_embed_proj_dim=hidden, max_position_embeddings=2048),
+        # 8 experts of MLP 1.5x hidden, 2 per token: the same active MLP width as the dense configs, 4x its weights.
+        "qwen3_moe": dict(llama, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=3 * hidden // 2),
     }
     return AutoConfig.for_model(family, vocab_size=vocab, **keys[family])
 
@@ -62,15 +64,20 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(args.child, args.hidden, args.layers, args.vocab)).eval()
+    if args.child == "qwen3_moe":
+        from compress.moe import unfuse_experts  # what `compress quantize` does to 3-D experts first
+
+        unfuse_experts(model)
     calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    results, _ = quantize_blocks(model, calib, QuantGrid(4), method="gptq", group_size=64, skip=("lm_head",), batch_size=8)
+    results, reports = quantize_blocks(model, calib, QuantGrid(4), method="gptq", group_size=64, skip=("lm_head",), batch_size=8)
     seconds = time.perf_counter() - t0
     block = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-2:] != ["embed_tokens", "weight"] and any(f".{i}." in n for i in range(args.layers)))
     print(json.dumps({
         "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before / 1024,
         "layers_quantized": len(results), "block_parameters": block, "parameters": sum(p.numel() for p in model.parameters()),
+        "rounded_to_nearest": sum(r.fallback is not None for r in reports),
     }))
 
 
@@ -87,7 +94,7 @@ def measure(family: str, code: Path, args) -> dict:
         runs.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), load_average=round(load, 2)))
     return {"seconds": [round(r["seconds"], 2) for r in runs], "median_s": round(statistics.median(r["seconds"] for r in runs), 2),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1), "layers_quantized": runs[0]["layers_quantized"],
-            "parameters": runs[0]["parameters"], "load_average": [r["load_average"] for r in runs]}
+            "parameters": runs[0]["parameters"], "load_average": [r["load_average"] for r in runs], "rounded_to_nearest": runs[0].get("rounded_to_nearest", 0)}
 
 
 def render(report: dict) -> str:
@@ -103,6 +110,11 @@ def render(report: dict) -> str:
     for row in report["rows"]:
         lines.append(f"| {row['family']} | {row['code']} | {row['layers_quantized']} | {row['parameters'] / 1e6:.1f} | {row['median_s']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in row['seconds'])} | {row['peak_rss_mb']:.0f} | {', '.join(f'{x:.2f}' for x in row['load_average'])} |")
+    if any(r["family"] == "qwen3_moe" for r in report["rows"]):
+        lines += ["", f"qwen3_moe: 8 experts of MLP {3 * s['hidden'] // 2} per layer, 2 per token (the dense rows' active MLP width, 4x its weights), each expert GPTQ'd on the tokens routed to it."]
+    for row in report["rows"]:
+        if row.get("rounded_to_nearest"):
+            lines += ["", f"{row['family']}: {row['rounded_to_nearest']} expert projections fewer calibration tokens reached than their input width were rounded to nearest."]
     base = [r for r in report["rows"] if r["code"] != "this commit"]
     if base:
         new = next(r for r in report["rows"] if r["family"] == base[0]["family"] and r["code"] == "this commit")

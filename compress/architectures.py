@@ -32,7 +32,7 @@ class LayerLayout:
 
 # Families run through the whole chain by the test suite (tests/test_families.py); any other decoder-only
 # causal LM that transformers builds is found the same way, structurally, and is named as untested.
-TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt")
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "qwen3_moe")
 
 # Per-layer config lists (length == number of layers) that must follow the kept layers.
 _PER_LAYER_KEYS = ("layer_types",)

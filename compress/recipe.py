@@ -213,7 +213,10 @@ class GPTQSpec(_IntQuantSpec):
     )
     calib: CalibSpec = Field(default_factory=CalibSpec, description="Calibration data.")
     batch_size: int = Field(8, ge=1, description="Calibration sequences per forward pass.")
-
+    min_expert_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Mixture-of-experts models: an expert that fewer calibration tokens reached than this is rounded to nearest (RTN, same grid) instead of GPTQ'd, and the quantize record lists it with its token count (every expert's count is recorded). `auto` = the projection's input width, below which its Hessian is singular. 0 = GPTQ every expert any token reached (one that none reached is always RTN).",
+    )
 
 class RTNSpec(_IntQuantSpec):
     method: Literal["rtn"] = Field(description="Round-to-nearest on the same grid: the baseline every GPTQ result is shown against.")

@@ -110,7 +110,11 @@ def load_reference(source: Source):
     from compress import models
 
     if source.format == "float":
-        return models.load_model(source.path), {}
+        from compress.moe import unfuse_experts
+
+        model = models.load_model(source.path)
+        unfuse_experts(model)  # 3-D expert tensors: grouped_mm does not export; one MatMul per expert projection does
+        return model, {}
     import numpy as np
     import torch
     from torch import nn

@@ -47,6 +47,8 @@ TINY = {
     "gemma3_text": dict(_LLAMA_LIKE, head_dim=8, sliding_window=16, sliding_window_pattern=2, rope_local_base_freq=10000.0),
     # Fused qkv_proj and gate_up_proj.
     "phi3": dict(_LLAMA_LIKE, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # Mixture of experts: 4 experts, 2 per token, every expert in one 3-D tensor (transformers 5).
+    "qwen3_moe": dict(_LLAMA_LIKE, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 FAMILIES = tuple(TINY)
 # The families the issue names; the others run the same code through the same table.

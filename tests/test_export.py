@@ -29,7 +29,7 @@ ROOT = Path(__file__).parents[1]
 
 # Every tested family either exports or is refused, and each outcome has a test: a family added to
 # compress.architectures.TESTED_FAMILIES without an entry here fails test_every_architecture_has_an_export_outcome.
-EXPORT_OUTCOME = {f: "exports" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt")}
+EXPORT_OUTCOME = {f: "exports" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "qwen3_moe")}
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,7 @@ def test_families_outside_the_tested_ones_are_found_structurally():
         assert (layout.blocks, layout.block_class) == (path, block)
 
 
+MOE_FAMILIES = ("qwen3_moe",)  # experts in 3-D tensors: GPTQ/RTN per expert, bitsandbytes refused (test_moe)
 WIDTH_PRUNED = ("llama", "mistral", "qwen2", "qwen3")  # tensors with known width-pruning roles (test_prune.WIDTH_FAMILIES)
 
 
@@ -130,6 +131,8 @@ def test_rtn_and_bitsandbytes_every_family(tmp_path, teachers, text_files, famil
         got = load_quantized(rtn.artifact).eval()(x).logits
     rel = float((got - want).norm() / want.norm())
     assert 0 < rel < 0.2, f"{family} RTN 4-bit: relative logit error {rel}"
+    if family in MOE_FAMILIES:  # bitsandbytes quantizes nn.Linear only: the 3-D experts would stay float (test_moe)
+        return
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed (pip install 'compress-llm[bnb]')")
     # LLM.int8 (bitsandbytes' 4-bit kernels need widths of at least their block of 64; the tiny models are 32 wide:
@@ -169,7 +172,7 @@ def support_table() -> str:
         export = ("fused GQA graph + generic torch.onnx" if family in fused else "generic torch.onnx") if family in chain else "no"
         rows.append(
             f"| {family} | `{layout.blocks}` ({layout.block_class}) | {yes(family in chain and family in distilled)} | {prune} | {yes(family in chain)} "
-            f"| {yes(family in quant)} | {yes(family in quant)} | {export} | {yes(family in chain)} | {yes(family in chain)} |"
+            f"| {yes(family in quant)} | {'refused (experts would stay float)' if family in MOE_FAMILIES else yes(family in quant)} | {export} | {yes(family in chain)} | {yes(family in chain)} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -179,22 +182,6 @@ def test_readme_support_table_is_generated_from_the_tests():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert support_table() in readme, "README's model-family table is stale: paste the output of tests/test_families.py::support_table()"
-
-
-def test_mixture_of_experts_is_refused_by_quantize_before_compute(tmp_path, tokenizer_dir, text_files, monkeypatch):
-    from test_quantize import make_recipe
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import compress.quantize.stage as stage
-    from compress.quantize.stage import QuantizeError, run_quantize
-
-    config = AutoConfig.for_model("qwen3_moe", vocab_size=384, num_hidden_layers=2, **TINY["qwen3"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "moe")
-    monkeypatch.setattr(stage, "calibration_blocks", lambda *a, **k: pytest.fail("calibration started before the refusal"))
-    with pytest.raises(QuantizeError, match=r"model.layers.0.mlp.experts.gate_up_proj \(4, .*Qwen3MoeExperts.*per expert is not supported"):
-        run_quantize(make_recipe(tmp_path, text_files), str(tmp_path / "moe"), tmp_path / "q", progress=False)
-    assert not (tmp_path / "q").exists()
 
 
 def test_phi3_long_context_rotary_exports_and_generates_as_transformers(tmp_path, tokenizer_dir):

@@ -143,11 +143,12 @@ def test_bf16_calibration_forwards_give_hessians_close_to_fp32(wide_llama):
         groups = linear_groups(block, mine, states)
         fp32 = _block_hessians(block, mine, groups, states)
         bf16 = _block_hessians(runner, ours, groups, [(h.bfloat16(), _cast_floats(kw, torch.bfloat16)) for h, kw in states])
-    for name, H in fp32.items():
-        rel = float((bf16[name] - H).norm() / H.norm())
-        assert bf16[name].dtype == torch.float32
+    for name, (H, tokens) in fp32.items():
+        assert tokens == bf16[name][1] == 8 * 32  # every calibration token reaches a dense block's Linears
+        rel = float((bf16[name][0] - H).norm() / H.norm())
+        assert bf16[name][0].dtype == torch.float32
         assert 0 < rel < 2e-2, f"{name}: bf16 calibration Hessian is {rel:.2e} off fp32"
-        assert torch.linalg.eigvalsh(bf16[name].double()).min() > -1e-6 * float(H.diagonal().mean()), "H must stay positive semidefinite"
+        assert torch.linalg.eigvalsh(bf16[name][0].double()).min() > -1e-6 * float(H.diagonal().mean()), "H must stay positive semidefinite"
 
 
 @pytest.mark.parametrize("settings", [{"forward_dtype": "bfloat16"}, {"scale_search": "mse-hessian"}, {"scale_search": "mse", "forward_dtype": "bfloat16"}])

@@ -57,4 +57,5 @@ def test_results_tables_are_generated_from_their_json():
     from benchmarks import families_gptq
 
     assert (results / "families_gptq.md").read_text() == families_gptq.render(json.loads((results / "families_gptq.json").read_text()))
+    assert (results / "families_gptq_moe.md").read_text() == families_gptq.render(json.loads((results / "families_gptq_moe.json").read_text()))
     assert (results / "families_gptq_teacher.md").read_text() == families_gptq.render_compare(json.loads((results / "families_gptq_teacher.json").read_text()))

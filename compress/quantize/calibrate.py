@@ -31,6 +31,8 @@ class LayerReport:
     shape: tuple[int, int]
     weight_error: float  # ||W - Q||_F / ||W||_F
     output_error: float | None  # ||X (W - Q)^T||_F / ||X W^T||_F on the calibration inputs (GPTQ only)
+    tokens: int | None = None  # calibration tokens that reached the layer (GPTQ only; fewer than all for experts)
+    fallback: str | None = None  # why the layer was rounded to nearest instead (GPTQ only)
 
 
 def _conv1d_type():
@@ -170,6 +172,7 @@ def quantize_blocks(
     scale_search: str = "minmax",
     forward_dtype: str = "float32",
     batch_size: int = 8,
+    min_tokens: int | None = None,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     """Quantize every selected Linear in place (weights replaced by their dequantized values) and
@@ -177,7 +180,12 @@ def quantize_blocks(
 
     forward_dtype="bfloat16" runs the calibration forwards on a bf16 copy of each block, with the
     hidden states between blocks in bf16 too (as GPTQModel does on CPU by default); the weights
-    GPTQ reads, the Hessians and the GPTQ math stay fp32 either way."""
+    GPTQ reads, the Hessians and the GPTQ math stay fp32 either way.
+
+    A layer that fewer than `min_tokens` calibration tokens reached (None: fewer than its input width, where its
+    Hessian is singular) is rounded to nearest on the same grid instead, and its report says so: only experts
+    of mixture-of-experts layers are reached by fewer than all tokens (by none when the router never picks them
+    on the calibration text), and GPTQ on a handful of tokens fits those tokens, not the data."""
     if forward_dtype not in _FORWARD_DTYPES:
         raise ValueError(f"forward_dtype must be one of {list(_FORWARD_DTYPES)}, got {forward_dtype!r}")
     dtype = _FORWARD_DTYPES[forward_dtype]
@@ -193,7 +201,7 @@ def quantize_blocks(
     cast: dict = {}  # tensors the blocks share (one rotary table, one mask) are cast once
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     with Workers(len(hidden) if true_sequential else 0) as workers:  # threads kept for every block
-        run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results)
+        run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results, min_tokens)
         for i, block in enumerate(blocks):
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             if method == "gptq":
@@ -224,6 +232,7 @@ class _BlockGPTQ:
     true_sequential: bool
     workers: Workers
     results: dict[str, QuantResult]
+    min_tokens: int | None = None  # below it (None: the input width) a group is rounded to nearest
     shape: list[list[str]] | None = None  # the Linear groups, by name inside a block
 
     def __call__(self, block: nn.Module, mine: dict[str, nn.Module], prefix: str, states) -> tuple[list[torch.Tensor], list[LayerReport]]:
@@ -239,15 +248,21 @@ class _BlockGPTQ:
             self.shape = [[n[len(prefix) :] for n in g] for g in linear_groups(runner, ours, states)]
         groups = [[prefix + n for n in g] for g in self.shape]
 
-        def quantize_group(group: list[str], H: torch.Tensor) -> None:
+        def quantize_group(group: list[str], H: torch.Tensor, tokens: int) -> None:
             # One GPTQ pass over the stacked rows of the Linears sharing this input.
             Ws = [linear_weight(mine[name]).float() for name in group]
-            try:
-                shared = gptq_shared(Ws, H, self.grid, **self.options)
-            except ValueError as err:
-                raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
+            floor = Ws[0].shape[1] if self.min_tokens is None else self.min_tokens
+            fallback = None
+            if tokens == 0 or tokens < floor:
+                fallback = f"{tokens} calibration tokens reached it (fewer than {max(floor, 1)}): rounded to nearest"
+                shared = [rtn(W, self.grid, self.options["group_size"]) for W in Ws]
+            else:
+                try:
+                    shared = gptq_shared(Ws, H, self.grid, **self.options)
+                except ValueError as err:
+                    raise ValueError(f"GPTQ of {', '.join(group)}: {err}") from err
             for name, W, res in zip(group, Ws, shared):
-                reports.append(_report(name, W, res.Q, H))
+                reports.append(dataclasses.replace(_report(name, W, res.Q, H if tokens else None), tokens=tokens, fallback=fallback))
                 set_linear_weight(mine[name], res.Q)
                 if runner is not block:
                     set_linear_weight(ours[name], res.Q)
@@ -261,14 +276,14 @@ class _BlockGPTQ:
                     H, n = None, 0
                     for x in forwards.advance(ours[group[0]]):
                         H, n = accumulate_hessian(H, n, x)  # (..., cols) -> (cols, cols)
-                    quantize_group(group, H)
+                    quantize_group(group, H, n)
                 outputs = forwards.finish()
         else:
             # The paper's order: every group's Hessian from the float block (a forward that stops
             # once the last group has its input, skipping down_proj), then all groups quantized.
             hessians = _block_hessians(runner, ours, groups, states, stop=True)
             for group in groups:
-                quantize_group(group, hessians[group[0]])
+                quantize_group(group, *hessians[group[0]])
             outputs = [_block_output(runner(h, **kw)) for h, kw in states]
         # The next block sees what this block produces *now that it is quantized*.
         return outputs, reports
@@ -329,10 +344,10 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Module], states) -> li
     return groups + ([sorted(missing)] if missing else [])
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]], states, *, stop: bool = False) -> dict[str, torch.Tensor]:
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: list[list[str]], states, *, stop: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
     """Run the block over every calibration batch, accumulating H = 2/n Σ x xᵀ at the input of each
-    group's first Linear (the others read the same tensor); with `stop`, each forward ends once the
-    last group has seen its input."""
+    group's first Linear (the others read the same tensor); (H, tokens) by Linear name. With `stop`, each
+    forward ends once the last group has seen its input."""
     sums: dict[str, tuple[torch.Tensor | None, int]] = {g[0]: (None, 0) for g in groups}
 
     def make_hook(leader):
@@ -354,7 +369,7 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Module], groups: lis
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[g[0]][0] for g in groups for name in g}
+    return {name: sums[g[0]] for g in groups for name in g}
 
 
 def _report(name: str, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None) -> LayerReport:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.moe import unfuse_experts
 from compress.quantize.calibrate import _conv1d_type
 from compress.quantize.grid import QuantResult
 from compress.quantize.packing import PackedGPTQ, dequantize_packed, pack
@@ -184,6 +185,8 @@ def load_gptq(directory: str | Path, *, dtype: torch.dtype = torch.float32, cach
                 tensors[key] = fh.get_tensor(key)
     check_groups(directory, qconfig, tensors)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(".experts." in k and k.endswith(".qweight") for k in tensors):
+        unfuse_experts(model)  # quantized experts are stored one Linear per projection (experts.3.gate_proj)
     bits = int(qconfig["bits"])
     conv1d = _conv1d_type()
     for name in sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")}):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from compress import models
+from compress import models, moe
 from compress.architectures import get_blocks, layer_layout
 from compress.artifacts import RECORD_FILE, ArtifactRecord, check_output, describe_input, device_info, size_on_disk, staging_dir, write_json_atomic
 from compress.data import packed_blocks
@@ -44,19 +44,52 @@ def weights_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
-def check_quantizable_blocks(model) -> None:
-    """Refuse, before compute, blocks whose weights GPTQ/RTN would silently leave in float: mixture-of-experts
-    layers that keep every expert in one 3-D tensor (transformers 5's Qwen3MoeExperts, MixtralExperts)."""
+def check_quantizable_blocks(model, spec) -> list[str]:
+    """Mixture-of-experts layers that keep every expert in one 3-D tensor (transformers 5's Qwen3MoeExperts,
+    MixtralExperts) become one Linear per expert projection for GPTQ/RTN (`compress.moe`); returns their names.
+    Refused before compute: bitsandbytes on them (it quantizes nn.Linear only, so the experts, most of the
+    weights, would silently stay in float) and any other 3-D weight GPTQ/RTN would leave in float."""
     prefix = layer_layout(model.config).blocks + "."
+    experts = [n for n in moe.expert_modules(model) if n.startswith(prefix)]
+    if experts and isinstance(spec, BnbSpec):
+        fused = model.get_submodule(experts[0])
+        raise QuantizeError(
+            f"{model.config.model_type}: {experts[0]} ({type(fused).__name__}) holds its {fused.num_experts} experts in 3-D tensors, which "
+            f"{spec.method} leaves in float (bitsandbytes quantizes nn.Linear only); use --method gptq or rtn, which quantize every expert"
+        )
+    if isinstance(spec, BnbSpec):
+        return []
+    try:
+        unfused = moe.unfuse_experts(model)
+    except moe.UnsupportedExpertsError as err:
+        raise QuantizeError(str(err)) from None
     stacked = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() >= 3]
     if stacked:
         name, shape = stacked[0]
         owner = type(model.get_submodule(name.rsplit(".", 1)[0])).__name__
         raise QuantizeError(
-            f"{model.config.model_type}: {name} {shape} holds {shape[0]} experts in one tensor ({owner}, {len(stacked)} such tensors); "
-            "GPTQ/RTN per expert is not supported yet, so these weights would stay in float. Use --method bnb-nf4/bnb-int8, "
-            "or a dense model"
+            f"{model.config.model_type}: {name} {shape} ({owner}, {len(stacked)} such tensors) is a 3-D weight that GPTQ/RTN "
+            "would leave in float; compress quantizes Linear layers and experts stored as [gate; up] and down tensors"
         )
+    return unfused
+
+
+def expert_summary(reports) -> dict | None:
+    """Calibration tokens per expert projection (min / median / max), and the experts rounded to nearest for
+    want of tokens, for the quantize record; None for a model without experts."""
+    routed = [r for r in reports if r.tokens is not None and ".experts." in r.name and r.name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj")]
+    if not routed:
+        return None
+    tokens = sorted(r.tokens for r in routed if r.name.endswith(".gate_proj"))
+    fallback = sorted({r.name.rsplit(".", 1)[0] for r in routed if r.fallback})
+    return {
+        "experts": len(tokens),
+        "tokens_min": tokens[0],
+        "tokens_median": tokens[len(tokens) // 2],
+        "tokens_max": tokens[-1],
+        "rtn_fallback": fallback,
+        "policy": "an expert that fewer calibration tokens reached than quantize.min_expert_tokens (auto: its input width) is rounded to nearest",
+    }
 
 
 def check_packable(model, spec) -> dict:
@@ -139,12 +172,13 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     model = models.load_model(source)
     if getattr(model.config, "quantization_config", None):
         raise QuantizeError(f"{source} is already quantized; quantize a float model")
-    check_quantizable_blocks(model)  # unsupported architectures and expert stacks stop here, by name
+    check_quantizable_blocks(model, spec)  # unsupported architectures and expert stacks stop here, by name
     tokenizer = models.load_tokenizer(source)
     device = _device(spec)
     held_out = eval_blocks(recipe, tokenizer)
     inputs = [describe_input("model", source, models.local_path(source))]
     extra: dict = {}
+    experts = None  # calibration tokens per expert, for mixture-of-experts models
     if isinstance(spec, (GPTQSpec, RTNSpec)):
         linears = check_packable(model, spec)
         spec = spec.model_copy(update={"group_size": resolve_group_size(spec, linears)})
@@ -184,6 +218,7 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             write_gptq(tmp, model.cpu(), results, qconfig, tokenizer)
             del model
             extra["layers"] = [asdict(r) for r in reports]
+            experts = expert_summary(reports)
             reloaded = models.load_quantized(tmp, device=device)
         after = perplexity_on_blocks(reloaded, held_out)
         metrics = {
@@ -198,6 +233,8 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             "quantize_time_s": round(quantize_time, 2),
         }
         metrics["compression"] = metrics["size_before_bytes"] / metrics["size_after_bytes"]
+        if experts is not None:
+            metrics["experts"] = experts
         record = ArtifactRecord(
             stage="quantize",
             recipe=recipe.model_dump(mode="json"),
@@ -225,7 +262,7 @@ def _quantize_int(model, spec, calib, progress: bool):
 
     kwargs = {}
     if calib is not None:
-        kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, batch_size=spec.batch_size)
+        kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, batch_size=spec.batch_size, min_tokens=None if spec.min_expert_tokens == "auto" else spec.min_expert_tokens)
     try:
         return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, **kwargs)
     finally:
@@ -239,5 +276,13 @@ def describe(result: QuantizeResult) -> str:
         f"  {m['method']}: eval ppl {m['ppl_before']:.2f} -> {m['ppl_after']:.2f} ({100 * m['ppl_increase']:+.1f}%), "
         f"weights {m['size_before_bytes'] / 2**20:.1f} MB -> {m['size_after_bytes'] / 2**20:.1f} MB ({m['compression']:.2f}x), "
         f"{m['quantize_time_s']:.0f} s"
+    ) + (_describe_experts(m["experts"]) if m.get("experts") else "")
+
+
+def _describe_experts(e: dict) -> str:
+    rtn = e["rtn_fallback"]
+    return (
+        f"\n  {e['experts']} experts: calibration tokens per expert min {e['tokens_min']}, median {e['tokens_median']}, max {e['tokens_max']}; "
+        + (f"{len(rtn)} rounded to nearest for want of tokens ({', '.join(rtn[:3])}{' ...' if len(rtn) > 3 else ''})" if rtn else "all GPTQ")
     )
 
