@@ -36,6 +36,9 @@ from latency_variants import make_variant  # noqa: E402  (benchmarks/ is on sys.
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 ONNX_FORMATS = {"onnx-fp32": {"weights": "fp32"}, "onnx-int8": {"weights": "int8"}, "onnx-int4": {"weights": "int4"}}
+# From the GPTQ artifact, one folder per LM head setting: the default (lm_head auto: the head's 4-bit GPTQ codes
+# where the head is a large share of the bytes a decoded token reads), an 8-bit head, a float head.
+GPTQ_FORMATS = {"onnx-int4-gptq": {"weights": "int4"}, "onnx-int4-gptq-head8": {"weights": "int4", "lm_head": "int8"}, "onnx-int4-gptq-headfp32": {"weights": "int4", "lm_head": "float"}}
 
 
 def parse_args(argv=None):
@@ -45,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--genai", type=Path, help="onnxruntime-genai builder int4 folder of the teacher")
     p.add_argument("--student", type=Path, help="distilled student folder (float)")
     p.add_argument("--student-gptq", type=Path, help="GPTQ 4-bit artifact of the student")
+    p.add_argument("--student-genai", type=Path, help="onnxruntime-genai builder int4 folder of the student")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "export_latency", help="where missing ONNX exports are written")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -196,7 +200,7 @@ def ensure_exports(label: str, float_dir: str, gptq_dir: Path | None, work: Path
 
     wanted = {name: (float_dir, kwargs) for name, kwargs in ONNX_FORMATS.items()}
     if gptq_dir is not None:
-        wanted["onnx-int4-gptq"] = (str(gptq_dir), {"weights": "int4"})
+        wanted.update({name: (str(gptq_dir), kwargs) for name, kwargs in GPTQ_FORMATS.items()})
     out = {}
     for name, (source, kwargs) in wanted.items():
         if only and name not in only:
@@ -225,8 +229,9 @@ def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args) -> list[
         found.append(("builder-int4", "builder", genai_dir))
         if genai_runtime:
             found.append(("builder-int4-genai-runtime", "genai-runtime", genai_dir))
-    if genai_runtime and "onnx-int4-gptq" in exports:  # our folder as apps built on onnxruntime-genai run it
-        found.append(("onnx-int4-gptq-genai-runtime", "genai-runtime", exports["onnx-int4-gptq"]))
+    for name in GPTQ_FORMATS:  # our folders as apps built on onnxruntime-genai run them
+        if genai_runtime and name in exports:
+            found.append((f"{name}-genai-runtime", "genai-runtime", exports[name]))
     return [v for v in found if not args.only or v[0] in args.only]
 
 
@@ -313,7 +318,25 @@ def render(report: dict) -> str:
                 + f"{row['peak_rss_mb'] if row['peak_rss_mb'] is None else round(row['peak_rss_mb'])} | {min(loads):.1f}-{max(loads):.1f} | "
                 + " | ".join(_ppl_cell(row.get("perplexity", {}).get(d), float_ppl.get(d)) for d in domains) + " |"
             )
+        lines += _versus_builder(rows)
     return "\n".join(lines) + "\n"
+
+
+def _versus_builder(rows: dict) -> list[str]:
+    """Our GPTQ folders against the builder's, in the same runtime: decode speed ratio (medians) and perplexity."""
+    out = []
+    for runtime, suffix in (("our loop", ""), ("onnxruntime-genai's runtime", "-genai-runtime")):
+        builder = rows.get(f"builder-int4{suffix}")
+        if builder is None:
+            continue
+        for name in GPTQ_FORMATS:
+            ours = rows.get(f"{name}{suffix}")
+            if ours is None:
+                continue
+            ppl = ", ".join(f"{d} {rows[name]['perplexity'][d]:.2f} vs {rows['builder-int4']['perplexity'][d]:.2f}" for d in rows.get(name, {}).get("perplexity", {}) if d in rows["builder-int4"].get("perplexity", {}))
+            out.append(f"- {runtime}: {name} decodes at {ours['decode_tok_s']['median'] / builder['decode_tok_s']['median']:.2f}x the builder's int4"
+                       + (f"; perplexity {ppl}" if ppl else ""))
+    return ["", *out] if out else []
 
 
 def _git_state() -> str | None:
@@ -345,7 +368,7 @@ def report_header(args, settings: tuple[str, ...]) -> dict:
 def write_report(report: dict, out: Path, render) -> None:
     """results JSON at `out`.json, the markdown generated from it at `out`.md, the markdown printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(render(report))
     print(render(report))
 
@@ -361,7 +384,7 @@ def main(argv=None) -> int:
     report["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     report["models"] = {"teacher": bench_model("teacher", args.teacher, args.gptq, args.genai, args, bandwidth)}
     if args.student:
-        report["models"]["student"] = bench_model("student", str(args.student), args.student_gptq, None, args, bandwidth)
+        report["models"]["student"] = bench_model("student", str(args.student), args.student_gptq, args.student_genai, args, bandwidth)
     report["load_average_end"] = list(os.getloadavg())
     write_report(report, args.out, render)
     return 0

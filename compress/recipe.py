@@ -196,6 +196,11 @@ class _IntQuantSpec(_QuantBase):
         return self
 
 
+class HeadCodesSpec(Spec):
+    group_size: Literal[32, 64, 128] = Field(32, description="Columns per group of the head's 4-bit codes (MatMulNBits blocks).")
+    act_order: StrictBool = Field(False, description="GPTQ the head's columns in order of decreasing Hessian diagonal. Off: a tied 4-bit embedding can then read the head's codes, which act-order permutes.")
+
+
 class GPTQSpec(_IntQuantSpec):
     method: Literal["gptq"] = Field(description="GPTQ (Frantar et al. 2022): layer-by-layer, Hessian-aware rounding.")
     act_order: StrictBool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal (desc_act).")
@@ -212,6 +217,10 @@ class GPTQSpec(_IntQuantSpec):
         description="Dtype of the calibration forwards: `bfloat16` runs them on a bf16 copy of each block, hidden states between blocks in bf16 (as GPTQModel on CPU); the weights GPTQ reads, the Hessians and the GPTQ math stay fp32. On SmolLM2-135M the same quality as float32 (ppl within 0.7%), forwards ~3x faster on CPUs with bf16 units.",
     )
     calib: CalibSpec = Field(default_factory=CalibSpec, description="Calibration data.")
+    head_codes: HeadCodesSpec | None = Field(
+        default_factory=HeadCodesSpec,
+        description="4-bit GPTQ: also GPTQ the LM head (on the final hidden states of the calibration text) into `extras/lm_head_gptq.safetensors`, which `compress export` turns into the 4-bit head (and tied embedding) of an int4 folder; the checkpoint's own head stays float, so other loaders read the same model. null = none (the export's head is then 8-bit). Ignored at other bit widths.",
+    )
     batch_size: int = Field(8, ge=1, description="Calibration sequences per forward pass.")
     min_expert_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
@@ -236,8 +245,8 @@ class ExportSpec(Spec):
     weights: Literal["fp32", "fp16", "int8", "int4"] = Field("int4", description="ONNX weight format; a GPTQ/RTN input exports with its own codes (int4 for 4-bit, int8 for 8-bit).")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the ONNX model is validated and meant to run (cuda needs onnxruntime-gpu).")
     accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 0 for 4-bit layers (the same logits at any batch size), 4 for 8-bit ones and the 8-bit LM head (no fp32 kernel).")
-    lm_head: Literal["float", "int8"] | None = Field(None, description="LM head precision of int4/int8 exports; null = int8.")
-    embedding: Literal["float", "int8"] | None = Field(None, description="Token embedding precision of int4/int8 exports: int8 = GatherBlockQuantized, reading the 8-bit LM head's own codes when the head is tied (stored once); null = as lm_head.")
+    lm_head: Literal["float", "int8", "int4", "auto"] | None = Field(None, description="LM head precision of int4/int8 exports. int4: from a GPTQ artifact its head's GPTQ codes (quantize.head_codes), from a float model round-to-nearest, blocks of 32. auto (null): 4 bits in int4 exports where the 8-bit head would be at least 25% of the bytes a decoded token reads and a GPTQ artifact carries head codes, else 8 bits; the choice and its reason are in compress.json (onnx.weights, recipe export.lm_head_choice).")
+    embedding: Literal["float", "int8", "int4", "auto"] | None = Field(None, description="Token embedding precision of int4/int8 exports: GatherBlockQuantized, reading the quantized LM head's own codes when the head is tied (stored once); null/auto = as lm_head.")
     int8_method: Literal["nbits", "dynamic"] = Field("nbits", description="int8 from a float model: weight-only MatMulNBits, or ONNX Runtime's quantize_dynamic.")
     exporter: Literal["auto", "fused", "dynamo", "legacy"] = Field("auto", description="auto = the fused graph (GroupQueryAttention, fused norms and projections) for Llama/Mistral/Qwen2/Qwen3 in fp32/int8/int4, torch.onnx dynamo otherwise; legacy = the deprecated TorchScript exporter.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads during validation (null = its default).")
@@ -245,8 +254,11 @@ class ExportSpec(Spec):
     @model_validator(mode="after")
     def _check(self) -> "ExportSpec":
         for key in ("lm_head", "embedding"):
-            if self.weights in ("fp32", "fp16") and getattr(self, key) == "int8":
-                raise ValueError(f"{key}: int8 needs weights int4 or int8; an {self.weights} export keeps every weight in {self.weights}")
+            value = getattr(self, key)
+            if self.weights in ("fp32", "fp16") and value in ("int8", "int4"):
+                raise ValueError(f"{key}: {value} needs weights int4 or int8; an {self.weights} export keeps every weight in {self.weights}")
+            if self.weights == "int8" and value == "int4":
+                raise ValueError(f"{key}: int4 needs weights int4; an int8 export keeps its head and embedding in 8 bits or float")
         return self
 
 

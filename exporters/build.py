@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,69 @@ def inspect_source(model_dir, weights: str) -> Source:
     return Source(name=str(model_dir), path=path, local=local, format="gptq" if method == "gptq" else "float", quantization=quant, model_type=config.model_type, head_dim=int(head_dim), rope_type=rope_type(config))
 
 
+def head_codes_of(source: Source):
+    """The LM head's GPTQ codes beside a GPTQ artifact (compress.quantize.head_codes), or None."""
+    if source.format != "gptq" or source.local is None:
+        return None
+    from compress.quantize.head_codes import HeadCodesError, read_head_codes
+
+    try:
+        return read_head_codes(source.local)
+    except HeadCodesError as err:
+        raise ExportError(str(err)) from None
+
+
+def decode_bytes(source: Source, head_bits: int, body_bits: int) -> tuple[int, int]:
+    """(bytes of the LM head, bytes of everything else a decoded token reads) at `head_bits` for the head and
+    `body_bits` for the blocks, from the tensor shapes in the safetensors headers (nothing is loaded). Tensors
+    with a dimension of the vocabulary size are the head and the embedding: the head is read whole every token,
+    an embedding one row. Scales cost 2 bytes per block of 32 (head) or are counted as stored (GPTQ body)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    vocab = int(getattr(AutoConfig.from_pretrained(source.path), "vocab_size", 0) or 0)
+    heads, body = [], 0
+    for file in sorted(source.local.glob("*.safetensors")) if source.local else []:
+        with safe_open(str(file), framework="np") as fh:
+            for key in fh.keys():
+                shape = fh.get_slice(key).get_shape()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if len(shape) == 2 and vocab in shape:
+                    heads.append(numel)
+                elif source.format == "gptq":
+                    body += numel * (4 if key.endswith((".qweight", ".qzeros")) else 2)  # int32 codes, fp16 rest
+                else:
+                    body += numel * body_bits / 8 if len(shape) == 2 else numel * 4
+    head = max(heads, default=0)
+    return int(head * head_bits / 8 + head / 32 * 2), int(body)
+
+
+# `export.lm_head: auto` (int4 exports), from benchmarks/results/head_int4-*.md and export_latency.md: a 4-bit head
+# pays where it is a large share of the bytes a decoded token reads. AUTO_INT4_HEAD_SHARE is the 8-bit head's
+# share above which auto takes 4 bits.
+AUTO_INT4_HEAD_SHARE = 0.25
+
+
+def auto_head(source: Source, weights: str, head_codes) -> dict:
+    """`lm_head: auto`: the head's precision for this model and why ({lm_head, reason, head_share_8bit})."""
+    if weights in ("fp32", "fp16"):
+        return {"lm_head": "float", "reason": f"a {weights} export keeps every weight in {weights}"}
+    if weights == "int8":
+        return {"lm_head": "int8", "reason": "an int8 export keeps its head in 8 bits"}
+    if source.format != "gptq":
+        return {"lm_head": "int8", "reason": "a float model's head would be rounded to nearest, which costs several % of perplexity in 4 bits (+6% / +7% on SmolLM2-135M, "
+                "benchmarks/results/head_int4-teacher.md); 8 bits cost 0.1%. Quantize with GPTQ first for a 4-bit head that keeps quality, or ask for lm_head='int4'"}
+    if head_codes is None:
+        return {"lm_head": "int8", "reason": "the GPTQ artifact has no head codes (quantize.head_codes); an 8-bit round-to-nearest head keeps its quality"}
+    head, body = decode_bytes(source, 8, 4)
+    share = head / (head + body) if head + body else 0.0
+    if share >= AUTO_INT4_HEAD_SHARE:
+        return {"lm_head": "int4", "head_share_8bit": round(share, 3), "reason": f"the 8-bit head would be {share:.0%} of the bytes read per decoded token (>= {AUTO_INT4_HEAD_SHARE:.0%}): 4 bits, its GPTQ codes"}
+    return {"lm_head": "int8", "head_share_8bit": round(share, 3), "reason": f"the 8-bit head is {share:.0%} of the bytes read per decoded token (< {AUTO_INT4_HEAD_SHARE:.0%}): 4 bits would save little"}
+
+
 def fused_refusal(source: Source, weights: str, int8_method: str, device: str = "cpu") -> str | None:
     """Why the fused graph (compress_exporters.graph) cannot export this, or None when it can."""
     from compress_exporters.graph import FUSED_FAMILIES
@@ -105,8 +170,11 @@ def _batch_judged(tolerance: Tolerance, config, prompts) -> Tolerance:
     return tolerance
 
 
-def load_reference(source: Source):
-    """(torch model in fp32 eval mode, {weight_key: (layer name, NBitsWeight)} for GPTQ layers)."""
+def load_reference(source: Source, head_codes=None, *, tie_embedding: bool = False):
+    """(torch model in fp32 eval mode, {weight_key: (layer name, NBitsWeight)} for GPTQ layers, the same for the
+    LM head when `head_codes` are given). The head then holds its GPTQ codes dequantized, so the reference is the
+    model the folder computes; a tied embedding keeps reading the head (`tie_embedding`, the 4-bit embedding that
+    shares its codes) or is untied and keeps its float values."""
     from compress import models
 
     if source.format == "float":
@@ -114,7 +182,7 @@ def load_reference(source: Source):
 
         model = models.load_model(source.path)
         unfuse_experts(model)  # 3-D expert tensors: grouped_mm does not export; one MatMul per expert projection does
-        return model, {}
+        return model, {}, {}
     import numpy as np
     import torch
     from torch import nn
@@ -144,10 +212,68 @@ def load_reference(source: Source):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
         nbits[weight_key(W.T.numpy())] = (name, packed)
-    return model.eval(), nbits
+    return model.eval(), nbits, (_head_from_codes(model, head_codes, tie_embedding, source) if head_codes is not None else {})
 
 
-def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path, *, carried: set[str] | None = None):
+def _embedding_as_exported(model) -> None:
+    """The reference's embedding rounded as the export rounds an embedding that gets 4-bit codes of its own
+    (ONNX Runtime's symmetric quantizer, blocks of 32), so a GPTQ folder stays checked against the model it
+    computes: quantizing these values again gives the same codes (each block's extreme is a code of -8 times its
+    scale, which the quantizer maps back to that scale exactly). A head tied to it keeps the float values."""
+    import torch
+    from torch import nn
+
+    from compress_exporters.matmulnbits import dequantize
+    from compress_exporters.onnx import NBITS_BLOCK_SIZE
+    from compress_exporters.weights import nbits_rtn
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        untied.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        if head.bias is not None:
+            untied.bias = head.bias
+        model.set_output_embeddings(untied)
+    table = embedding.weight.detach().float().numpy()
+    rounded = dequantize(nbits_rtn(table.T, bits=4, block_size=NBITS_BLOCK_SIZE)).T
+    embedding.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(rounded)), requires_grad=False)
+
+
+def _head_from_codes(model, codes, tie_embedding: bool, source: Source) -> dict:
+    """Put the head's dequantized GPTQ codes into `model`; {weight_key: ("lm_head", NBitsWeight)}."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from compress.quantize.packing import unpack
+    from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
+    from compress_exporters.weights import weight_key
+
+    head = model.get_output_embeddings()
+    vocab, hidden = head.weight.shape
+    W = codes.dequantized(torch.float32)
+    if tuple(W.shape) != (vocab, hidden):
+        raise ExportError(f"{source.name}: the head codes ({codes.module}, {tuple(W.shape)}) do not fit the model's head ({vocab} x {hidden}); re-quantize, or export with lm_head='int8'")
+    q, z = unpack(codes.packed)
+    try:
+        packed = from_gptq(q.numpy(), codes.packed.scales.float().numpy(), z.numpy(), codes.packed.g_idx.numpy(), codes.packed.bits)
+    except UnmappableGroupsError as err:
+        raise ExportError(f"{source.name}: LM head codes: {err}") from None
+    if not np.array_equal(dequantize(packed), W.T.numpy()):
+        raise RuntimeError("LM head: MatMulNBits repacking does not reproduce the GPTQ weight exactly (a bug)")
+    embedding = model.get_input_embeddings()
+    if embedding.weight is head.weight and not tie_embedding:  # untie: the head gets the codes, the embedding stays float
+        untied = nn.Linear(hidden, vocab, bias=head.bias is not None)
+        untied.weight = nn.Parameter(W, requires_grad=False)
+        if head.bias is not None:
+            untied.bias = head.bias
+        model.set_output_embeddings(untied)
+    else:
+        head.weight.data = W
+    return {weight_key(W.T.numpy()): ("lm_head", packed)}
+
+
+def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path, *, carried: set[str] | None = None, head_nbits: dict | None = None):
     """(model in the requested format, its quantization details for compress.json). `carried`: the GPTQ layers
     the fused graph already wrote as MatMulNBits (None: the traced graph, whose MatMuls are matched here)."""
     from compress_exporters import weights as fmt
@@ -158,7 +284,7 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         return proto, {}
     if weights == "fp16":
         return fmt.to_fp16(proto), {}
-    if lm_head == "int8":
+    if lm_head in ("int8", "int4"):
         fmt.untie_lm_head(proto)  # a tied head reads Transpose(embedding): give it a constant to quantize
     head = fmt.find_lm_head(proto)
     head_names = [head.name] if head is not None else []
@@ -177,24 +303,34 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         nodes = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
         act_order = sum(w.perm is not None for _, w in nbits.values())
         details.update(method="GPTQ codes repacked into MatMulNBits", layers=len(nbits), matmulnbits_nodes=nodes, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
+        if head_nbits:
+            if not fmt.replace_with_nbits(proto, head_nbits, accuracy_level=settings["lm_head_accuracy_level"]):
+                raise ExportError("the LM head was not found as a MatMul of the exported graph; cannot carry its GPTQ codes over (export with lm_head='int8')")
+            (_, w), = head_nbits.values()
+            details.update(lm_head_method="GPTQ codes (quantize.head_codes) repacked into MatMulNBits", lm_head_block_size=w.block_size, lm_head_act_order=w.perm is not None)
     else:
         from compress_exporters.onnx import NBITS_BLOCK_SIZE
 
         bits = 4 if weights == "int4" else 8
-        exclude = [] if (bits == 8 and lm_head == "int8") else head_names
+        exclude = [] if lm_head == f"int{bits}" else head_names
         proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
+        if lm_head == f"int{bits}":
+            details.update(lm_head_method=f"as the layers: {bits}-bit round-to-nearest, block {NBITS_BLOCK_SIZE}", lm_head_block_size=NBITS_BLOCK_SIZE)
     if lm_head == "int8" and head is not None and settings["int8_method"] != "dynamic" and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
         proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=settings["lm_head_accuracy_level"], include=head_names)
-    if settings["embedding"] == "int8":
+    if settings["embedding"] in ("int8", "int4"):
+        from compress_exporters.onnx import NBITS_BLOCK_SIZE
+
+        bits = 8 if settings["embedding"] == "int8" else 4
         try:
-            details.update(fmt.quantize_embedding(proto, fmt.find_lm_head(proto), block_size=LM_HEAD_BLOCK_SIZE))
+            details.update(fmt.quantize_embedding(proto, fmt.find_lm_head(proto), bits=bits, block_size=LM_HEAD_BLOCK_SIZE if bits == 8 else NBITS_BLOCK_SIZE))
         except ValueError as err:
-            raise ExportError(f"embedding='int8': {err}; export with embedding='float'") from None
+            raise ExportError(f"embedding={settings['embedding']!r}: {err}; export with embedding='float'") from None
     return proto, details
 
 
-def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: Tolerance, providers: list[str], threads: int | None, overwrite: bool, start: float, overwrite_any: bool = False) -> ExportResult:
+def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=None, tolerance: Tolerance, providers: list[str], threads: int | None, overwrite: bool, start: float, overwrite_any: bool = False) -> ExportResult:
     import onnx
     import torch
 
@@ -205,7 +341,14 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
     from compress_exporters.validation import compare_with_torch, report
     from compress_exporters.weights import op_counts
 
-    model, nbits = load_reference(source)
+    # A tied embedding shares the 4-bit head's codes unless act-order permuted them (quantize_embedding then gives
+    # it its own): only a shared one keeps reading the head in the reference.
+    tie = settings["embedding"] == "int4" and head_codes is not None and not head_codes.act_order
+    model, nbits, head_nbits = load_reference(source, head_codes, tie_embedding=tie)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    shared = settings["lm_head"] == "int4" and head is not None and embedding.weight is head.weight  # the graph's lookup will read the head's codes
+    if source.format == "gptq" and settings["embedding"] == "int4" and not shared:
+        _embedding_as_exported(model)
     tokenizer = models.load_tokenizer(source.path)
     prompt_ids = [list(tokenizer(p)["input_ids"]) for p in settings["validate_prompts"]]
     if not prompt_ids or not all(prompt_ids):
@@ -226,7 +369,7 @@ def build_artifact(source: Source, output: Path, *, settings: dict, tolerance: T
             opset = export_decoder(model, work / "decoder.onnx", layout, exporter=settings["exporter"], opset=settings["opset"])
             proto, carried = onnx.load(str(work / "decoder.onnx")), None
         export_s = time.perf_counter() - t0
-        proto, quant_details = apply_weights(proto, source, settings, nbits, work, carried=carried)
+        proto, quant_details = apply_weights(proto, source, settings, nbits, work, carried=carried, head_nbits=head_nbits)
         ops = op_counts(proto)
         save_model(proto, tmp)
         del proto

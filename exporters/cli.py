@@ -27,8 +27,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where validation runs and the model is meant to run (cuda: onnxruntime-gpu)")
     parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (faster, but logits depend on the batch). Default: 0 for 4-bit layers, 4 for 8-bit layers and the 8-bit LM head")
     parser.add_argument("--int8-method", choices=["nbits", "dynamic"], default="nbits", help="int8: weight-only 8-bit MatMulNBits (default) or onnxruntime quantize_dynamic (int8 activations per tensor: less accurate)")
-    parser.add_argument("--lm-head", choices=["float", "int8"], help="LM head precision for int8/int4 exports (default int8)")
-    parser.add_argument("--embedding", choices=["float", "int8"], help="token embedding precision for int8/int4 exports (default: as --lm-head; int8 shares a tied head's 8-bit codes)")
+    parser.add_argument("--lm-head", choices=["float", "int8", "int4", "auto"], help="LM head precision for int8/int4 exports: int4 = the head's GPTQ codes from a GPTQ artifact (quantize.head_codes), round-to-nearest from a float model; auto (default) = 4 bits where the head is a large share of the bytes a decoded token reads, else 8 (the choice and its reason go into compress.json)")
+    parser.add_argument("--embedding", choices=["float", "int8", "int4", "auto"], help="token embedding precision for int8/int4 exports (default: as the LM head; a tied embedding reads the quantized head's own codes)")
     parser.add_argument("--exporter", choices=["auto", "fused", "dynamo", "legacy"], default="auto",
                         help="auto (default): the fused graph (GroupQueryAttention, fused norms and projections; fast) for Llama/Mistral/Qwen2/Qwen3 "
                         "in fp32/int8/int4, else torch.onnx dynamo; legacy: torch's older exporter (faster to export, deprecated upstream)")

@@ -20,7 +20,7 @@ from compress_exporters.validation import DEFAULT_PROMPTS, ValidationFailedError
 
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
 DEVICES = ("cpu", "cuda")
-LM_HEAD = ("float", "int8")
+LM_HEAD = ("float", "int8", "int4", "auto")
 INT8_METHODS = ("nbits", "dynamic")
 NBITS_BLOCK_SIZE = 32  # float -> int4/int8: ONNX Runtime's MatMulNBits quantizer, symmetric, blocks of 32
 # MatMulNBits accuracy_level: 0 = fp32 activations, 4 = int8 activations inside the kernel (what onnxruntime-genai's
@@ -130,8 +130,10 @@ def export_onnx(
     for key, value in (("lm_head", lm_head), ("embedding", embedding)):
         if value is not None:
             _check_choice(key, value, LM_HEAD)
-            if weights in ("fp32", "fp16") and value != "float":
+            if weights in ("fp32", "fp16") and value not in ("float", "auto"):
                 raise ExportError(f"{key}={value!r} needs weights int8 or int4; an {weights} export keeps every weight in {weights}")
+            if weights == "int8" and value == "int4":
+                raise ExportError(f"{key}='int4' needs weights int4; an int8 export keeps its head and embedding in 8 bits or float")
     ort = _require_onnx("fused")  # onnxscript is checked once the exporter is resolved
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -161,10 +163,21 @@ def export_onnx(
     nbits_format = weights == "int4" or (weights == "int8" and not dynamic)
     if accuracy_level is not None and (not nbits_format or accuracy_level not in (0, 1, 2, 3, 4)):
         raise ExportError(f"accuracy_level (0-4) applies to MatMulNBits exports (int4, int8 without int8_method='dynamic'); got {accuracy_level!r} with weights={weights}")
-    lm_head = lm_head or ("int8" if weights in ("int8", "int4") else "float")
+    head_codes = build.head_codes_of(source) if weights == "int4" else None
+    if lm_head == "int4" and source.format == "gptq" and head_codes is None:
+        raise ExportError(
+            f"lm_head='int4' from a GPTQ artifact exports the head's own GPTQ codes, and {source.name} has none (extras/lm_head_gptq.safetensors); "
+            "re-quantize the float model with quantize.head_codes (the default for 4-bit GPTQ), export the float model for a round-to-nearest 4-bit head, or use lm_head='int8'"
+        )
+    choice = build.auto_head(source, weights, head_codes) if lm_head in (None, "auto") else None
+    lm_head = choice["lm_head"] if choice else lm_head
+    embedding = lm_head if embedding in (None, "auto") else embedding
+    if embedding == "int4" and weights != "int4":
+        embedding = "int8"  # as the head: auto never picks int4 outside int4 exports; explicit int4 was refused above
     bits = 4 if weights == "int4" else 8
     level = (DEFAULT_ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level) if nbits_format else None
-    head_level = (DEFAULT_ACCURACY_LEVEL[8] if accuracy_level is None else accuracy_level) if nbits_format and lm_head == "int8" else None
+    head_bits = {"int8": 8, "int4": 4}.get(lm_head)
+    head_level = (DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level) if nbits_format and head_bits else None
     settings = {
         "weights": weights,
         "device": device,
@@ -175,7 +188,9 @@ def export_onnx(
         "block_size": NBITS_BLOCK_SIZE if nbits_format and source.format == "float" else None,
         "int8_method": ("dynamic" if dynamic else "nbits") if weights == "int8" else None,
         "lm_head": lm_head,
-        "embedding": embedding or lm_head,
+        "lm_head_choice": choice,  # why auto chose it (None: asked for explicitly)
+        "lm_head_codes": "GPTQ (quantize.head_codes)" if lm_head == "int4" and source.format == "gptq" else ("round-to-nearest" if head_bits else None),
+        "embedding": embedding,
         "validate_prompts": list(validate_prompts or DEFAULT_PROMPTS),
     }
     if source.format == "gptq":
@@ -185,7 +200,7 @@ def export_onnx(
         key = "int8-dynamic" if dynamic else weights
     if weights == "int4" and level and not key.endswith("exact"):
         key += "-level4"  # int8 activations: the bars of the fast kernels
-    return build.build_artifact(source, output, settings=settings, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, overwrite_any=overwrite_any, start=start)
+    return build.build_artifact(source, output, settings=settings, head_codes=head_codes if lm_head == "int4" else None, tolerance=TOLERANCES[key], providers=providers, threads=threads, overwrite=overwrite, overwrite_any=overwrite_any, start=start)
 
 
 def _check_choice(name: str, value, allowed) -> None:

@@ -125,6 +125,23 @@ def quantize_nbits(model: onnx.ModelProto, *, bits: int, block_size: int, accura
     return quantizer.model.model
 
 
+def nbits_rtn(W: np.ndarray, *, bits: int, block_size: int) -> NBitsWeight:
+    """A (K, N) float weight as ONNX Runtime's MatMulNBits quantizer stores it (symmetric round-to-nearest per
+    block, what `quantize_nbits` writes into a graph), read back as an `NBitsWeight`: the export's own
+    rounding, for measuring it outside a graph."""
+    K, N = W.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="head")], "rtn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, K])], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, N])],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(W, np.float32), "w")],
+    )
+    model = quantize_nbits(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), bits=bits, block_size=block_size, accuracy_level=None)
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    return NBitsWeight(B=inits[node.input[1]].reshape(N, -1, block_size * bits // 8), scales=inits[node.input[2]].reshape(N, -1).astype(np.float32), zero_points=None if zp is None else zp.reshape(N, -1), perm=None, K=K, N=N, bits=bits, block_size=block_size)
+
+
 def find_embedding(model: onnx.ModelProto, ids: str = "input_ids") -> onnx.NodeProto | None:
     """The Gather that looks the token ids up in a constant 2-D float table (the ids directly, or reshaped on the
     way, as GPT-2's `input_ids.view(-1, T)`), or None."""
@@ -146,14 +163,17 @@ def find_embedding(model: onnx.ModelProto, ids: str = "input_ids") -> onnx.NodeP
     return None
 
 
-def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, block_size: int) -> dict:
-    """The token embedding in 8 bits: a `GatherBlockQuantized` (com.microsoft) that reads either the 8-bit LM
-    head's own codes and scales, when the head is the same matrix quantized (a tied head: stored once), or
-    symmetric 8-bit codes of its own in blocks of `block_size` along the hidden size. Returns what was done.
+def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, bits: int = 8, block_size: int) -> dict:
+    """The token embedding in `bits` (8 or 4) bits: a `GatherBlockQuantized` (com.microsoft) that reads either
+    the quantized LM head's own codes and scales, when the head is the same matrix quantized at these bits (a
+    tied head: stored once), or symmetric codes of its own in blocks of `block_size` along the hidden size
+    (ONNX Runtime's MatMulNBits rounding). Returns what was done.
 
-    The lookup reads the codes as MatMulNBits stores them, (vocab, blocks, block_size), quantized along the last
-    axis, so nothing is reshaped or copied at load: the rows come out (batch, sequence, blocks, block_size),
-    and are flattened and cut to the hidden size."""
+    The lookup reads the codes as MatMulNBits stores them, (vocab, blocks, block_size * bits / 8), quantized
+    along the last axis (4-bit codes two to a byte, low nibble first), so nothing is reshaped or copied at load:
+    the rows come out (batch, sequence, blocks, block_size), and are flattened and cut to the hidden size."""
+    if bits not in (4, 8):
+        raise ValueError(f"embedding bits must be 4 or 8, got {bits}")
     graph = model.graph
     gather = find_embedding(model)
     if gather is None:
@@ -163,14 +183,19 @@ def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, b
     vocab, hidden = table.shape
     name = "model.embed_tokens"
     new_inits: list[onnx.TensorProto] = []
-    shared = _shareable_head(head, inits, table)
+    shared = _shareable_head(head, inits, table, bits)
     if shared is not None:
         codes, scales2d, zero_points2d, size = shared
     else:
         size = block_size
-        B, scale = quantize_rows_int8(table, size)
+        if bits == 8:
+            B, scale = quantize_rows_int8(table, size)
+            B = B.reshape(vocab, -1, size)
+        else:
+            own = nbits_rtn(np.ascontiguousarray(table.T), bits=4, block_size=size)
+            B, scale = own.B, own.scales
         codes, scales2d, zero_points2d = f"{name}.codes", f"{name}.scales", ""
-        new_inits += [numpy_helper.from_array(B.reshape(vocab, -1, size), codes), numpy_helper.from_array(scale, scales2d)]
+        new_inits += [numpy_helper.from_array(B, codes), numpy_helper.from_array(scale, scales2d)]
     blocks = -(-hidden // size)
     new_inits += [
         numpy_helper.from_array(np.asarray([vocab, blocks, 1], np.int64), f"{name}.per_block_shape"),
@@ -181,7 +206,7 @@ def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, b
     if zero_points2d:
         new_nodes.append(helper.make_node("Reshape", [zero_points2d, f"{name}.per_block_shape"], [f"{name}/zero_points"], name=f"{name}/ReshapeZeroPoints"))
         inputs.append(f"{name}/zero_points")
-    new_nodes.append(helper.make_node("GatherBlockQuantized", inputs, [f"{name}/blocks"], name=f"{name}/GatherBlockQuantized", domain=MS_DOMAIN, bits=8, block_size=size, gather_axis=0, quantize_axis=2))
+    new_nodes.append(helper.make_node("GatherBlockQuantized", inputs, [f"{name}/blocks"], name=f"{name}/GatherBlockQuantized", domain=MS_DOMAIN, bits=bits, block_size=size, gather_axis=0, quantize_axis=2))
     rows = gather.output[0] if blocks * size == hidden else f"{name}/padded"
     new_nodes.append(helper.make_node("Reshape", [f"{name}/blocks", f"{name}.rows_shape"], [rows], name=f"{name}/ReshapeRows"))
     if rows != gather.output[0]:
@@ -191,7 +216,7 @@ def quantize_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None, *, b
     index = nodes.index(gather)
     nodes[index:index + 1] = new_nodes
     _rewrite(model, nodes, new_inits)
-    return {"embedding": "int8", "embedding_block_size": size, "embedding_shared_with_lm_head": shared is not None}
+    return {"embedding": f"int{bits}", "embedding_block_size": size, "embedding_shared_with_lm_head": shared is not None}
 
 
 def quantize_rows_int8(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,31 +234,36 @@ def quantize_rows_int8(table: np.ndarray, block_size: int) -> tuple[np.ndarray, 
     return codes.astype(np.uint8).reshape(rows, -1), scale
 
 
-def _shareable_head(head: onnx.NodeProto | None, inits: dict, table: np.ndarray):
-    """(B, scales, zero_points or "", block_size) of an 8-bit MatMulNBits LM head whose dequantized weight is
-    `table` rounded (within one step everywhere), else None: the check that the head really is tied."""
+def _shareable_head(head: onnx.NodeProto | None, inits: dict, table: np.ndarray, bits: int = 8):
+    """(B, scales, zero_points or "", block_size) of a `bits`-bit MatMulNBits LM head whose dequantized weight is
+    `table` rounded (within one step everywhere), else None: the check that the head really is tied. A head
+    whose input is permuted (act-order) stores its codes column-permuted and is not shared, nor a 4-bit head
+    with zero points (GatherBlockQuantized would need them in another packing)."""
     if head is None or head.op_type != "MatMulNBits" or len(head.input) < 3 or len(head.input) > 4:
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     vocab, hidden = table.shape
-    if attrs.get("bits") != 8 or attrs.get("N") != vocab or attrs.get("K") != hidden or not all(n in inits for n in head.input[1:]):
+    if attrs.get("bits") != bits or attrs.get("N") != vocab or attrs.get("K") != hidden or not all(n in inits for n in head.input[1:]):
+        return None
+    has_zero_points = len(head.input) == 4 and bool(head.input[3])
+    if bits == 4 and has_zero_points:
         return None
     size = int(attrs["block_size"])
     weight = NBitsWeight(
         B=numpy_helper.to_array(inits[head.input[1]]),
         scales=numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1).astype(np.float32),
-        zero_points=numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if len(head.input) == 4 and head.input[3] else None,
-        perm=None, K=hidden, N=vocab, bits=8, block_size=size,
+        zero_points=numpy_helper.to_array(inits[head.input[3]]).reshape(vocab, -1) if has_zero_points else None,
+        perm=None, K=hidden, N=vocab, bits=bits, block_size=size,
     )
     if weight.B.ndim != 3:
         return None
     step = np.abs(np.repeat(weight.scales, size, axis=1)[:, :hidden])  # (vocab, hidden)
-    # ONNX Runtime's symmetric 8-bit quantizer spans [-128, 127] (its scale is negative when the block's extreme
-    # is): values round within half a step, the extreme of a block lands a whole step away. An unrelated matrix
-    # misses this bound by far.
+    # ONNX Runtime's symmetric quantizer spans [-2^(b-1), 2^(b-1) - 1] (its scale is negative when the block's
+    # extreme is): values round within half a step, the extreme of a block lands a whole step away; GPTQ codes lie
+    # within a step of the weight they replace. An unrelated matrix, or codes of permuted columns, miss by far.
     if not (np.abs(dequantize(weight).T - table) <= step * 1.01).all():
         return None
-    return head.input[1], head.input[2], head.input[3] if len(head.input) == 4 else "", size
+    return head.input[1], head.input[2], head.input[3] if has_zero_points else "", size
 
 
 def weight_key(W: np.ndarray) -> str:

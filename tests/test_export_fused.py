@@ -210,14 +210,16 @@ def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
     assert checked == 2
 
 
-def test_fused_gptq_default_levels_and_close(tmp_path, gptq_fused):
-    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4")  # 4-bit layers at level 0, 8-bit head at 4
+@pytest.mark.parametrize("lm_head,expected", [(None, {(4, 0)}), ("int8", {(4, 0), (8, 4)})], ids=["auto-4-bit-head", "8-bit-head"])
+def test_fused_gptq_default_levels_and_close(tmp_path, gptq_fused, lm_head, expected):
+    # 4-bit layers at level 0; the head's 4-bit GPTQ codes at 0 too (auto), an 8-bit head at 4
+    result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4", lm_head=lm_head)
     v = result.validation
     assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
     assert v["batch_max_rel_diff"] < 1e-3 and v["batch_top1_agreement"] == 1.0
     model = onnx.load(str(result.artifact / "model.onnx"))
     levels = {(attrs["bits"], attrs.get("accuracy_level", 0)) for n in model.graph.node if n.op_type == "MatMulNBits" for attrs in [{a.name: a.i for a in n.attribute}]}
-    assert levels == {(4, 0), (8, 4)}
+    assert levels == expected
 
 
 def test_what_the_fused_graph_cannot_export(tmp_path, tiny_narrow, fused_model):

@@ -174,6 +174,7 @@ def quantize_blocks(
     batch_size: int = 8,
     min_tokens: int | None = None,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
+    final_hidden: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     """Quantize every selected Linear in place (weights replaced by their dequantized values) and
     return the per-module results that the checkpoint format packs.
@@ -185,7 +186,10 @@ def quantize_blocks(
     A layer that fewer than `min_tokens` calibration tokens reached (None: fewer than its input width, where its
     Hessian is singular) is rounded to nearest on the same grid instead, and its report says so: only experts
     of mixture-of-experts layers are reached by fewer than all tokens (by none when the router never picks them
-    on the calibration text), and GPTQ on a handful of tokens fits those tokens, not the data."""
+    on the calibration text), and GPTQ on a handful of tokens fits those tokens, not the data.
+
+    `final_hidden` (GPTQ): a list that receives the last block's outputs per calibration batch, through the
+    quantized blocks (what `quantize_head` calibrates the LM head on)."""
     if forward_dtype not in _FORWARD_DTYPES:
         raise ValueError(f"forward_dtype must be one of {list(_FORWARD_DTYPES)}, got {forward_dtype!r}")
     dtype = _FORWARD_DTYPES[forward_dtype]
@@ -219,7 +223,76 @@ def quantize_blocks(
             reports.extend(block_reports)
             if on_layer is not None:
                 on_layer(i, len(blocks), block_reports)
+    if final_hidden is not None and method == "gptq":
+        final_hidden.extend(hidden)
     return results, reports
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the LM head reads for each calibration batch when the last block outputs `final_hidden[b]`: the
+    model's own forward with every block replaced by a pass-through that returns the stored output, stopped at
+    the head's input. Whatever the family puts between the blocks and the head (final norm, OPT's project_out)
+    runs as the model runs it; no block computes."""
+    blocks = get_blocks(model)
+    head = model.get_output_embeddings()
+    batch = {"b": 0}
+    template: dict = {}
+    seen: list[torch.Tensor] = []
+
+    def stored(block, forward):
+        def run(*args, **kwargs):
+            if "out" not in template:
+                template["out"] = forward(*args, **kwargs)
+            out, h = template["out"], final_hidden[batch["b"]]
+            h = h.to(args[0].dtype if args and isinstance(args[0], torch.Tensor) else h.dtype)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        return run
+
+    def grab(module, args):
+        seen.append(args[0].detach().float())
+        raise _StopForward
+
+    own = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = stored(block, block.forward)
+    handle = head.register_forward_pre_hook(grab)
+    device = next(model.parameters()).device
+    try:
+        for b, start in enumerate(range(0, len(calib), batch_size)):
+            batch["b"] = b
+            try:
+                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    if len(seen) != len(final_hidden):
+        raise RuntimeError(f"{model.config.model_type}: the LM head was reached {len(seen)} times for {len(final_hidden)} calibration batches")
+    return seen
+
+
+@torch.no_grad()
+def quantize_head(model: nn.Module, inputs: list[torch.Tensor], grid: QuantGrid, *, group_size: int, act_order: bool, damp: float = 0.01, block_size: int = 128, scale_search: str = "minmax") -> tuple[QuantResult, LayerReport]:
+    """GPTQ of the LM head on what it reads (`head_inputs`): the vocabulary rows are the output channels, the
+    Hessian is that of the final hidden states. The model is left unchanged (a tied head is the embedding too)."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    H, n = None, 0
+    for x in inputs:
+        H, n = accumulate_hessian(H, n, x.to(head.weight.device))
+    W = linear_weight(head).detach().float()
+    try:
+        (res,) = gptq_shared([W], H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=False, scale_search=scale_search)
+    except ValueError as err:
+        raise ValueError(f"GPTQ of the LM head {name}: {err}") from err
+    return on_cpu(res), dataclasses.replace(_report(name, W, res.Q, H), tokens=n)
 
 
 @dataclass

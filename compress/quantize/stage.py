@@ -182,6 +182,9 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     if isinstance(spec, (GPTQSpec, RTNSpec)):
         linears = check_packable(model, spec)
         spec = spec.model_copy(update={"group_size": resolve_group_size(spec, linears)})
+        head_codes, why_not = head_codes_plan(model, spec)
+        if why_not:
+            extra["lm_head_codes"] = {"skipped": why_not}
         calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer) if isinstance(spec, GPTQSpec) else (None, None))
         if calib is not None:
             inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len})
@@ -204,7 +207,9 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
         else:
             from compress.quantize.gptq_checkpoint import quantization_config, write_gptq
 
-            results, reports = _quantize_int(model, spec, calib if isinstance(spec, GPTQSpec) else None, progress)
+            final: list[torch.Tensor] | None = [] if head_codes else None
+            results, reports = _quantize_int(model, spec, calib if isinstance(spec, GPTQSpec) else None, progress, final)
+            head = _head_codes(model, spec, calib, final) if final is not None else None
             quantize_time = time.perf_counter() - t0
             qconfig = quantization_config(
                 bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
@@ -216,6 +221,12 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
                 qconfig["meta"].update(scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
             qconfig["meta"]["method"] = spec.method
             write_gptq(tmp, model.cpu(), results, qconfig, tokenizer)
+            if head is not None:
+                from compress.quantize.head_codes import HEAD_CODES_FILE, write_head_codes
+
+                result, report = head
+                write_head_codes(tmp, report.name, result, group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order, v2=qconfig["checkpoint_format"] == "gptq_v2")
+                extra["lm_head_codes"] = {"file": HEAD_CODES_FILE, "bits": 4, "group_size": spec.head_codes.group_size, "act_order": spec.head_codes.act_order, **asdict(report)}
             del model
             extra["layers"] = [asdict(r) for r in reports]
             experts = expert_summary(reports)
@@ -248,7 +259,36 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     return QuantizeResult(artifact=output, metrics=metrics)
 
 
-def _quantize_int(model, spec, calib, progress: bool):
+def head_codes_plan(model, spec) -> tuple[bool, str | None]:
+    """(whether the LM head gets GPTQ codes, why not). Only 4-bit GPTQ writes them (the int4 export reads them).
+    A head whose shape the codes cannot store is refused before compute when head_codes was set in the recipe,
+    skipped with a note when it is only the default."""
+    if not isinstance(spec, GPTQSpec) or spec.head_codes is None:
+        return False, None
+    if spec.bits != 4:
+        return False, f"quantize.head_codes applies to 4-bit GPTQ (int4 exports); a {spec.bits}-bit export keeps an 8-bit head"
+    head = model.get_output_embeddings()
+    vocab, hidden = linear_weight(head).shape
+    group = spec.head_codes.group_size
+    if vocab % 8 or hidden % group:
+        why = f"the LM head ({vocab} x {hidden}) cannot be stored in 4-bit groups of {group} (vocabulary a multiple of 8, hidden size a multiple of the group size)"
+        if "head_codes" in spec.model_fields_set:
+            raise QuantizeError(f"quantize.head_codes: {why}; set quantize.head_codes.group_size to one that divides {hidden}, or head_codes: null")
+        return False, why
+    return True, None
+
+
+def _head_codes(model, spec: GPTQSpec, calib, final):
+    """GPTQ of the LM head on what it reads through the quantized blocks: (QuantResult, LayerReport)."""
+    from compress.quantize.calibrate import head_inputs, quantize_head
+
+    inputs = head_inputs(model, calib, spec.batch_size, final)
+    final.clear()
+    grid = QuantGrid(bits=4, sym=spec.sym)
+    return quantize_head(model, inputs, grid, group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order, damp=spec.damp, block_size=spec.block_size, scale_search=spec.scale_search)
+
+
+def _quantize_int(model, spec, calib, progress: bool, final_hidden=None):
     from tqdm.auto import tqdm
 
     grid = QuantGrid(bits=spec.bits, sym=spec.sym)
@@ -264,7 +304,7 @@ def _quantize_int(model, spec, calib, progress: bool):
     if calib is not None:
         kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, batch_size=spec.batch_size, min_tokens=None if spec.min_expert_tokens == "auto" else spec.min_expert_tokens)
     try:
-        return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, **kwargs)
+        return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, final_hidden=final_hidden, **kwargs)
     finally:
         bar.close()
 
