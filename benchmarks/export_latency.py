@@ -38,7 +38,17 @@ RESULTS = Path(__file__).parent / "results"
 ONNX_FORMATS = {"onnx-fp32": {"weights": "fp32"}, "onnx-int8": {"weights": "int8"}, "onnx-int4": {"weights": "int4"}}
 # From the GPTQ artifact, one folder per LM head setting: the default (lm_head auto: the head's 4-bit GPTQ codes
 # where the head is a large share of the bytes a decoded token reads), an 8-bit head, a float head.
-GPTQ_FORMATS = {"onnx-int4-gptq": {"weights": "int4"}, "onnx-int4-gptq-head8": {"weights": "int4", "lm_head": "int8"}, "onnx-int4-gptq-headfp32": {"weights": "int4", "lm_head": "float"}}
+GPTQ_FORMATS = {
+    "onnx-int4-gptq": {"weights": "int4"},
+    "onnx-int4-gptq-head8": {"weights": "int4", "lm_head": "int8"},
+    "onnx-int4-gptq-headfp32": {"weights": "int4", "lm_head": "float"},
+    # MatMulNBits with int8 activations (accuracy_level 4, what the builder writes): the head only, then everything
+    "onnx-int4-gptq-head-level4": {"weights": "int4", "lm_head_accuracy_level": 4},
+    "onnx-int4-gptq-level4": {"weights": "int4", "accuracy_level": 4},
+    # the 4-bit head with an 8-bit embedding of its own (one row read per token: the head's speed, the 8-bit table's quality)
+    "onnx-int4-gptq-emb8": {"weights": "int4", "embedding": "int8"},
+    "onnx-int4-gptq-level4-emb8": {"weights": "int4", "accuracy_level": 4, "embedding": "int8"},
+}
 
 
 def parse_args(argv=None):

@@ -295,7 +295,7 @@ def _run_stage(stage: str, recipe: Recipe, previous: str, output: Path, *, resum
 
         e = recipe.export
         log(describe(export_onnx(previous, output, weights=e.weights, device=e.device, accuracy_level=e.accuracy_level, overwrite=True, overwrite_any=overwrite_any,
-                                 exporter=e.exporter, lm_head=e.lm_head, embedding=e.embedding, int8_method=e.int8_method, threads=e.threads)))
+                                 exporter=e.exporter, lm_head=e.lm_head, embedding=e.embedding, int8_method=e.int8_method, threads=e.threads, lm_head_accuracy_level=e.lm_head_accuracy_level)))
 
 
 def _bench(recipe: Recipe, artifacts, output: Path, *, fresh: bool, progress: bool, log):

@@ -244,9 +244,10 @@ QuantizeSpec = Annotated[Union[GPTQSpec, RTNSpec, BnbSpec], Field(discriminator=
 class ExportSpec(Spec):
     weights: Literal["fp32", "fp16", "int8", "int4"] = Field("int4", description="ONNX weight format; a GPTQ/RTN input exports with its own codes (int4 for 4-bit, int8 for 8-bit).")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the ONNX model is validated and meant to run (cuda needs onnxruntime-gpu).")
-    accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 0 for 4-bit layers (the same logits at any batch size), 4 for 8-bit ones and the 8-bit LM head (no fp32 kernel).")
+    accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute for int4/int8: 0 = fp32 activations, 4 = int8 activations; null = 0 for 4-bit layers (the same logits at any batch size), 4 for 8-bit ones and the LM head (no fp32 kernel for 8 bits; see lm_head_accuracy_level).")
     lm_head: Literal["float", "int8", "int4", "auto"] | None = Field(None, description="LM head precision of int4/int8 exports. int4: from a GPTQ artifact its head's GPTQ codes (quantize.head_codes), from a float model round-to-nearest, blocks of 32. auto (null): 4 bits in int4 exports where the 8-bit head would be at least 25% of the bytes a decoded token reads and a GPTQ artifact carries head codes, else 8 bits; the choice and its reason are in compress.json (onnx.weights, recipe export.lm_head_choice).")
-    embedding: Literal["float", "int8", "int4", "auto"] | None = Field(None, description="Token embedding precision of int4/int8 exports: GatherBlockQuantized, reading the quantized LM head's own codes when the head is tied (stored once); null/auto = as lm_head.")
+    embedding: Literal["float", "int8", "int4", "auto"] | None = Field(None, description="Token embedding precision of int4/int8 exports: GatherBlockQuantized, reading the quantized LM head's own codes when the head is tied (stored once); null/auto = as lm_head, except 8 bits of its own beside a 4-bit GPTQ head (whose codes as the table cost 4-5% far-domain perplexity at the same decode speed).")
+    lm_head_accuracy_level: int | None = Field(None, ge=0, le=4, description="MatMulNBits compute of a quantized LM head (overrides accuracy_level for the head); null = 4, whether 8 or 4 bits (a 4-bit head at 0 decoded 9-12% slower for the same perplexity).")
     int8_method: Literal["nbits", "dynamic"] = Field("nbits", description="int8 from a float model: weight-only MatMulNBits, or ONNX Runtime's quantize_dynamic.")
     exporter: Literal["auto", "fused", "dynamo", "legacy"] = Field("auto", description="auto = the fused graph (GroupQueryAttention, fused norms and projections) for Llama/Mistral/Qwen2/Qwen3 in fp32/int8/int4, torch.onnx dynamo otherwise; legacy = the deprecated TorchScript exporter.")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads during validation (null = its default).")
@@ -307,6 +308,10 @@ class Recipe(Spec):
                 "distill.hidden.weight > 0 needs the teacher's per-layer hidden states, which teacher.logits_cache does not store; "
                 "set distill.hidden.weight to 0 or teacher.logits_cache.enabled to false"
             )
+        q, e = self.quantize, self.export
+        if e is not None and "int4" in (e.lm_head, e.embedding) and isinstance(q, GPTQSpec) and q.bits == 4 and q.head_codes is None:
+            key = "lm_head" if e.lm_head == "int4" else "embedding"
+            raise ValueError(f"export.{key}: int4 exports the LM head's GPTQ codes, which quantize.head_codes: null does not write; drop head_codes: null or set export.{key} to auto or int8")
         return self
 
     @property

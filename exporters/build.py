@@ -312,11 +312,11 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
         from compress_exporters.onnx import NBITS_BLOCK_SIZE
 
         bits = 4 if weights == "int4" else 8
-        exclude = [] if lm_head == f"int{bits}" else head_names
-        proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=exclude)
+        proto = fmt.quantize_nbits(proto, bits=bits, block_size=NBITS_BLOCK_SIZE, accuracy_level=level, exclude=head_names)
         details.update(method=f"onnxruntime MatMulNBitsQuantizer, {bits}-bit symmetric round-to-nearest, block {NBITS_BLOCK_SIZE}")
-        if lm_head == f"int{bits}":
-            details.update(lm_head_method=f"as the layers: {bits}-bit round-to-nearest, block {NBITS_BLOCK_SIZE}", lm_head_block_size=NBITS_BLOCK_SIZE)
+        if lm_head == "int4" and head is not None:
+            proto = fmt.quantize_nbits(proto, bits=4, block_size=NBITS_BLOCK_SIZE, accuracy_level=settings["lm_head_accuracy_level"], include=head_names)
+            details.update(lm_head_method=f"4-bit round-to-nearest, block {NBITS_BLOCK_SIZE}", lm_head_block_size=NBITS_BLOCK_SIZE)
     if lm_head == "int8" and head is not None and settings["int8_method"] != "dynamic" and any(n.name == head.name and n.op_type == "MatMul" for n in proto.graph.node):
         proto = fmt.quantize_nbits(proto, bits=8, block_size=LM_HEAD_BLOCK_SIZE, accuracy_level=settings["lm_head_accuracy_level"], include=head_names)
     if settings["embedding"] in ("int8", "int4"):

@@ -25,8 +25,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="ONNX folder to create")
     parser.add_argument("--weights", choices=WEIGHTS, default="fp32", help="weight format (default fp32; a GPTQ artifact exports as int4/int8 by its bits)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where validation runs and the model is meant to run (cuda: onnxruntime-gpu)")
-    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (faster, but logits depend on the batch). Default: 0 for 4-bit layers, 4 for 8-bit layers and the 8-bit LM head")
+    parser.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="int4/int8 MatMulNBits compute: 0 = fp32 activations, 4 = int8 activations (faster, but logits depend on the batch). Default: 0 for 4-bit layers, 4 for 8-bit layers and the LM head")
     parser.add_argument("--int8-method", choices=["nbits", "dynamic"], default="nbits", help="int8: weight-only 8-bit MatMulNBits (default) or onnxruntime quantize_dynamic (int8 activations per tensor: less accurate)")
+    parser.add_argument("--lm-head-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="MatMulNBits compute of a quantized LM head (overrides --accuracy-level for the head); default 4")
     parser.add_argument("--lm-head", choices=["float", "int8", "int4", "auto"], help="LM head precision for int8/int4 exports: int4 = the head's GPTQ codes from a GPTQ artifact (quantize.head_codes), round-to-nearest from a float model; auto (default) = 4 bits where the head is a large share of the bytes a decoded token reads, else 8 (the choice and its reason go into compress.json)")
     parser.add_argument("--embedding", choices=["float", "int8", "int4", "auto"], help="token embedding precision for int8/int4 exports (default: as the LM head; a tied embedding reads the quantized head's own codes)")
     parser.add_argument("--exporter", choices=["auto", "fused", "dynamo", "legacy"], default="auto",
@@ -50,6 +51,7 @@ def run_export_cli(args) -> int:
         device=args.device,
         opset=args.opset,
         accuracy_level=args.accuracy_level,
+        lm_head_accuracy_level=args.lm_head_accuracy_level,
         overwrite=args.overwrite,
         overwrite_any=args.overwrite_any,
         validate_prompts=args.prompts,

@@ -31,6 +31,10 @@ NBITS_BLOCK_SIZE = 32  # float -> int4/int8: ONNX Runtime's MatMulNBits quantize
 # head, int8 exports) stay at 4: ONNX Runtime's CPU kernels have no fp32-compute path for 8 bits, and level 0
 # decodes ten times slower (12 tok/s). An explicit accuracy_level applies to every MatMulNBits.
 DEFAULT_ACCURACY_LEVEL = {4: 0, 8: 4}
+# The quantized LM head's default level, by its bits (`lm_head_accuracy_level` overrides it): 4 (int8 activations)
+# for both, as the 8-bit head always was (no fp32 kernel for 8 bits). A 4-bit head at 0 decoded 9-12% slower for
+# the same perplexity within 0.2% (benchmarks/results/export_latency-head-levels.md); the 4-bit layers stay at 0.
+LM_HEAD_ACCURACY_LEVEL = {4: 4, 8: 4}
 # The 8-bit LM head (the largest single weight of a small model, read whole every decoded token): blocks of
 # 128 carry a quarter of the scales of blocks of 32 (1.03 vs 1.125 bytes per weight); 8 bits leave the rounding
 # error far below the 4-bit layers' either way.
@@ -108,6 +112,7 @@ def export_onnx(
     embedding: str | None = None,
     int8_method: str = "nbits",
     threads: int | None = None,
+    lm_head_accuracy_level: int | None = None,
 ) -> ExportResult:
     """Export `model_dir` to `output_dir` with `weights` fp32 | fp16 | int8 | int4.
 
@@ -117,8 +122,11 @@ def export_onnx(
     activations: much less accurate on real models, see exporters/README.md). `accuracy_level` (MatMulNBits
     formats): 0 = fp32 activations, 4 = int8 activations inside the kernel; default 0 for 4-bit layers (the
     same answer at any batch size), 4 for 8-bit ones and the 8-bit LM head (no fp32 kernel: 10x slower at 0). `lm_head`:
-    "float" or "int8"; default int8 for int8/int4 exports. `embedding`: "float" or "int8" (GatherBlockQuantized,
-    sharing the 8-bit head's codes when the head is tied); default: as the LM head. `device="cuda"` validates on ONNX Runtime's CUDA
+    "float", "int8", "int4" (a GPTQ artifact's head codes, `quantize.head_codes`; round-to-nearest from a float
+    model) or "auto" (default: 4 bits for a GPTQ artifact with head codes whose 8-bit head would be at least
+    AUTO_INT4_HEAD_SHARE of the bytes read per decoded token, else 8; float for fp32/fp16; the choice and its
+    reason go into compress.json). `embedding`: "float", "int8", "int4" or "auto" (GatherBlockQuantized, sharing
+    the quantized head's codes when the head is tied); default: as the LM head. `device="cuda"` validates on ONNX Runtime's CUDA
     provider and fails if it is not obtained. `validate_prompts`: texts for the validation (default: four).
     `overwrite` replaces an existing artifact at `output_dir`; `overwrite_any` also a folder compress did not
     write; never the input (compress.artifacts.check_output)."""
@@ -171,13 +179,26 @@ def export_onnx(
         )
     choice = build.auto_head(source, weights, head_codes) if lm_head in (None, "auto") else None
     lm_head = choice["lm_head"] if choice else lm_head
-    embedding = lm_head if embedding in (None, "auto") else embedding
+    if embedding in (None, "auto"):
+        # As the head, except beside a 4-bit GPTQ head: its codes are fitted to the final hidden states, and as
+        # the lookup table they cost 4-5% more far-domain perplexity than an 8-bit table of its own, which a
+        # decoded token reads one row of (the same speed; +vocab x hidden bytes on disk).
+        embedding = "int8" if lm_head == "int4" and source.format == "gptq" else lm_head
+        if choice is not None:
+            choice["embedding"] = embedding
+            if lm_head == "int4" and source.format == "gptq":
+                choice["embedding_reason"] = ("8-bit codes of its own: the head's 4-bit GPTQ codes as the table cost +4.4% / +5.2% perplexity on the Debian licences "
+                                              "(SmolLM2-135M / its quickstart student, benchmarks/results/export_latency-head-levels.md) at the same decode speed; embedding='int4' shares them (vocab x hidden / 2 bytes less)")
     if embedding == "int4" and weights != "int4":
         embedding = "int8"  # as the head: auto never picks int4 outside int4 exports; explicit int4 was refused above
     bits = 4 if weights == "int4" else 8
     level = (DEFAULT_ACCURACY_LEVEL[bits] if accuracy_level is None else accuracy_level) if nbits_format else None
     head_bits = {"int8": 8, "int4": 4}.get(lm_head)
-    head_level = (DEFAULT_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level) if nbits_format and head_bits else None
+    if lm_head_accuracy_level is not None and (not (nbits_format and head_bits) or lm_head_accuracy_level not in (0, 1, 2, 3, 4)):
+        raise ExportError(f"lm_head_accuracy_level (0-4) applies to a quantized LM head of a MatMulNBits export; got {lm_head_accuracy_level!r} with weights={weights}, lm_head={lm_head}")
+    head_level = None
+    if nbits_format and head_bits:
+        head_level = lm_head_accuracy_level if lm_head_accuracy_level is not None else (LM_HEAD_ACCURACY_LEVEL[head_bits] if accuracy_level is None else accuracy_level)
     settings = {
         "weights": weights,
         "device": device,

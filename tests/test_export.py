@@ -234,10 +234,10 @@ def test_int4_from_gptq_carries_weights_exactly(tmp_path, gptq_artifact):
 def test_int4_from_gptq_accuracy_levels(tmp_path, gptq_artifact, level):
     result = export_onnx(gptq_artifact, tmp_path / "onnx", weights="int4", exporter="legacy", accuracy_level=level)  # GPTQ matching on the legacy graph too
     v = result.validation
-    # the head's 4-bit GPTQ codes (lm_head auto); 4-bit layers and head at level 0 (default) or 4 (int8 activations)
+    # the head's 4-bit GPTQ codes (lm_head auto) at level 4; 4-bit layers at level 0 (default) or 4 (int8 activations)
     assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
     settings = result.record["recipe"]["export"]
-    assert settings["lm_head"] == "int4" and (settings["accuracy_level"], settings["lm_head_accuracy_level"]) == ((0, 0) if level is None else (4, 4))
+    assert settings["lm_head"] == "int4" and (settings["accuracy_level"], settings["lm_head_accuracy_level"]) == ((0, 4) if level is None else (4, 4))
     assert v["tolerance"] == asdict(TOLERANCES["int4-gptq" if level is None else "int4-gptq-level4"])
 
 

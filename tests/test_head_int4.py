@@ -105,7 +105,8 @@ def test_int4_export_carries_the_gptq_head_and_the_tied_embedding_reads_its_code
     import onnxruntime as ort
 
     codes = read_head_codes(gptq_tied)
-    result = export_onnx(gptq_tied, tmp_path / "onnx", weights="int4")  # lm_head auto
+    # lm_head auto -> the GPTQ codes; the head at level 0 so the folder is the reference's model to float rounding
+    result = export_onnx(gptq_tied, tmp_path / "onnx", weights="int4", embedding="int4", lm_head_accuracy_level=0)
     settings = result.record["recipe"]["export"]
     assert settings["lm_head"] == "int4" and settings["embedding"] == "int4" and "4 bits" in settings["lm_head_choice"]["reason"]
     details = result.record["onnx"]["weights"]
@@ -129,12 +130,22 @@ def test_int4_export_carries_the_gptq_head_and_the_tied_embedding_reads_its_code
     assert result.validation["passed"] and result.validation["max_rel_diff"] < 1e-3, result.validation
 
 
+def test_auto_pairs_the_4_bit_gptq_head_with_an_8_bit_embedding(tmp_path, gptq_tied):
+    result = export_onnx(gptq_tied, tmp_path / "onnx", weights="int4")
+    settings, details = result.record["recipe"]["export"], result.record["onnx"]["weights"]
+    assert settings["lm_head"] == "int4" and settings["lm_head_accuracy_level"] == 4 and settings["embedding"] == "int8"
+    assert "8-bit codes of its own" in settings["lm_head_choice"]["embedding_reason"] and details["embedding_shared_with_lm_head"] is False
+    model, inits = _inits(result.artifact)
+    bits = {n.op_type: {a.name: a.i for a in n.attribute}["bits"] for n in model.graph.node if n.op_type == "GatherBlockQuantized" or n.output[0] == "logits"}
+    assert bits == {"MatMulNBits": 4, "GatherBlockQuantized": 8} and result.validation["passed"]
+
+
 def test_untied_embedding_gets_4_bit_codes_of_its_own(tmp_path, tokenizer_dir, text_files):
     from transformers import AutoModelForCausalLM
 
     gptq = gptq_tiny_llama(tmp_path / "untied", tokenizer_dir, text_files, hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
     table = AutoModelForCausalLM.from_pretrained(gptq.parent / "float").get_input_embeddings().weight.detach().numpy()
-    result = export_onnx(gptq, tmp_path / "onnx", weights="int4", lm_head="int4", embedding="int4")
+    result = export_onnx(gptq, tmp_path / "onnx", weights="int4", lm_head="int4", embedding="int4", lm_head_accuracy_level=0)
     details = result.record["onnx"]["weights"]
     assert details["embedding"] == "int4" and details["embedding_shared_with_lm_head"] is False and result.validation["passed"]
     model, inits = _inits(result.artifact)
@@ -202,3 +213,12 @@ def test_int4_head_from_a_gptq_artifact_without_codes_is_refused(tmp_path, gptq_
     (bare / HEAD_CODES_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ExportError, match="lm_head_gptq.safetensors: not a readable safetensors file"):
         export_onnx(bare, tmp_path / "broken", weights="int4")
+
+
+def test_recipe_refuses_an_int4_head_without_head_codes():
+    from compress.recipe import validate_recipe
+
+    base = {"quantize": {"method": "gptq", "bits": 4, "head_codes": None}, "export": {"weights": "int4", "lm_head": "int4"}}
+    with pytest.raises(ValueError, match="export.lm_head: int4 exports the LM head's GPTQ codes, which quantize.head_codes: null does not write"):
+        validate_recipe(base)
+    assert validate_recipe({**base, "export": {"weights": "int4", "lm_head": "auto"}}).export.lm_head == "auto"
