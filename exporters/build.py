@@ -87,31 +87,27 @@ def head_codes_of(source: Source):
         raise ExportError(str(err)) from None
 
 
-def decode_bytes(source: Source, head_bits: int, body_bits: int) -> tuple[int, int]:
-    """(bytes of the LM head, bytes of everything else a decoded token reads) at `head_bits` for the head and
-    `body_bits` for the blocks, from the tensor shapes in the safetensors headers (nothing is loaded). Tensors
-    with a dimension of the vocabulary size are the head and the embedding: the head is read whole every token,
-    an embedding one row. Scales cost 2 bytes per block of 32 (head) or are counted as stored (GPTQ body)."""
+def decode_bytes(source: Source) -> tuple[int, int]:
+    """(bytes of an 8-bit LM head, bytes of everything else a decoded token reads) of a GPTQ artifact, from the
+    tensor shapes in its safetensors headers (nothing is loaded). Tensors with a dimension of the vocabulary size
+    are the head and the embedding: the head is read whole every token, an embedding one row. The head's scales
+    cost 2 bytes per block of 32; the body is counted as stored (int32 codes, fp16 scales and the rest)."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
     vocab = int(getattr(AutoConfig.from_pretrained(source.path), "vocab_size", 0) or 0)
     heads, body = [], 0
-    for file in sorted(source.local.glob("*.safetensors")) if source.local else []:
+    for file in sorted(source.local.glob("*.safetensors")):
         with safe_open(str(file), framework="np") as fh:
             for key in fh.keys():
                 shape = fh.get_slice(key).get_shape()
-                numel = 1
-                for d in shape:
-                    numel *= d
+                numel = int(np.prod(shape))
                 if len(shape) == 2 and vocab in shape:
                     heads.append(numel)
-                elif source.format == "gptq":
-                    body += numel * (4 if key.endswith((".qweight", ".qzeros")) else 2)  # int32 codes, fp16 rest
                 else:
-                    body += numel * body_bits / 8 if len(shape) == 2 else numel * 4
+                    body += numel * (4 if key.endswith((".qweight", ".qzeros")) else 2)
     head = max(heads, default=0)
-    return int(head * head_bits / 8 + head / 32 * 2), int(body)
+    return head + head // 16, body  # 1 byte a weight + 2-byte scales per block of 32
 
 
 # `export.lm_head: auto` (int4 exports), from benchmarks/results/head_int4-*.md and export_latency.md: a 4-bit head
@@ -131,7 +127,7 @@ def auto_head(source: Source, weights: str, head_codes) -> dict:
                 "benchmarks/results/head_int4-teacher.md); 8 bits cost 0.1%. Quantize with GPTQ first for a 4-bit head that keeps quality, or ask for lm_head='int4'"}
     if head_codes is None:
         return {"lm_head": "int8", "reason": "the GPTQ artifact has no head codes (quantize.head_codes); an 8-bit round-to-nearest head keeps its quality"}
-    head, body = decode_bytes(source, 8, 4)
+    head, body = decode_bytes(source)
     share = head / (head + body) if head + body else 0.0
     if share >= AUTO_INT4_HEAD_SHARE:
         return {"lm_head": "int4", "head_share_8bit": round(share, 3), "reason": f"the 8-bit head would be {share:.0%} of the bytes read per decoded token (>= {AUTO_INT4_HEAD_SHARE:.0%}): 4 bits, its GPTQ codes"}
@@ -183,13 +179,10 @@ def load_reference(source: Source, head_codes=None, *, tie_embedding: bool = Fal
         model = models.load_model(source.path)
         unfuse_experts(model)  # 3-D expert tensors: grouped_mm does not export; one MatMul per expert projection does
         return model, {}, {}
-    import numpy as np
     import torch
     from torch import nn
 
     from compress.quantize.gptq_checkpoint import GPTQLinear
-    from compress.quantize.packing import unpack
-    from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
     from compress_exporters.weights import weight_key
 
     model = models.load_quantized(source.local, device="cpu")
@@ -197,14 +190,8 @@ def load_reference(source: Source, head_codes=None, *, tie_embedding: bool = Fal
     for name, module in list(model.named_modules()):
         if not isinstance(module, GPTQLinear):
             continue
-        codes, zeros = unpack(module.packed())
-        try:
-            packed = from_gptq(codes.numpy(), module.scales.float().numpy(), zeros.numpy(), module.g_idx.numpy(), module.bits)
-        except UnmappableGroupsError as err:
-            raise ExportError(f"{source.name}: layer {name}: {err}") from None
         W = module.dequantized_weight(torch.float32)  # (out, in)
-        if not np.array_equal(dequantize(packed), W.T.numpy()):
-            raise RuntimeError(f"{name}: MatMulNBits repacking does not reproduce the GPTQ weight exactly (a bug)")
+        packed = _repacked(module.packed(), W, f"{source.name}: layer {name}")
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear.weight.data = W
         if module.bias is not None:
@@ -229,11 +216,7 @@ def _embedding_as_exported(model) -> None:
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is embedding.weight:
-        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        untied.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        if head.bias is not None:
-            untied.bias = head.bias
-        model.set_output_embeddings(untied)
+        _untie_head(model, head.weight.detach().clone())
     table = embedding.weight.detach().float().numpy()
     rounded = dequantize(nbits_rtn(table.T, bits=4, block_size=NBITS_BLOCK_SIZE)).T
     embedding.weight = nn.Parameter(torch.from_numpy(np.ascontiguousarray(rounded)), requires_grad=False)
@@ -241,12 +224,8 @@ def _embedding_as_exported(model) -> None:
 
 def _head_from_codes(model, codes, tie_embedding: bool, source: Source) -> dict:
     """Put the head's dequantized GPTQ codes into `model`; {weight_key: ("lm_head", NBitsWeight)}."""
-    import numpy as np
     import torch
-    from torch import nn
 
-    from compress.quantize.packing import unpack
-    from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
     from compress_exporters.weights import weight_key
 
     head = model.get_output_embeddings()
@@ -254,23 +233,39 @@ def _head_from_codes(model, codes, tie_embedding: bool, source: Source) -> dict:
     W = codes.dequantized(torch.float32)
     if tuple(W.shape) != (vocab, hidden):
         raise ExportError(f"{source.name}: the head codes ({codes.module}, {tuple(W.shape)}) do not fit the model's head ({vocab} x {hidden}); re-quantize, or export with lm_head='int8'")
-    q, z = unpack(codes.packed)
-    try:
-        packed = from_gptq(q.numpy(), codes.packed.scales.float().numpy(), z.numpy(), codes.packed.g_idx.numpy(), codes.packed.bits)
-    except UnmappableGroupsError as err:
-        raise ExportError(f"{source.name}: LM head codes: {err}") from None
-    if not np.array_equal(dequantize(packed), W.T.numpy()):
-        raise RuntimeError("LM head: MatMulNBits repacking does not reproduce the GPTQ weight exactly (a bug)")
-    embedding = model.get_input_embeddings()
-    if embedding.weight is head.weight and not tie_embedding:  # untie: the head gets the codes, the embedding stays float
-        untied = nn.Linear(hidden, vocab, bias=head.bias is not None)
-        untied.weight = nn.Parameter(W, requires_grad=False)
-        if head.bias is not None:
-            untied.bias = head.bias
-        model.set_output_embeddings(untied)
+    packed = _repacked(codes.packed, W, f"{source.name}: LM head codes")
+    if model.get_input_embeddings().weight is head.weight and not tie_embedding:
+        _untie_head(model, W)  # the head gets the codes, the embedding stays float
     else:
         head.weight.data = W
     return {weight_key(W.T.numpy()): ("lm_head", packed)}
+
+
+def _repacked(gptq, W, where: str):
+    """A GPTQ weight (`PackedGPTQ`) as MatMulNBits stores it, checked to dequantize to exactly `W` (out, in)."""
+    from compress.quantize.packing import unpack
+    from compress_exporters.matmulnbits import UnmappableGroupsError, dequantize, from_gptq
+
+    codes, zeros = unpack(gptq)
+    try:
+        packed = from_gptq(codes.numpy(), gptq.scales.float().numpy(), zeros.numpy(), gptq.g_idx.numpy(), gptq.bits)
+    except UnmappableGroupsError as err:
+        raise ExportError(f"{where}: {err}") from None
+    if not np.array_equal(dequantize(packed), W.T.numpy()):
+        raise RuntimeError(f"{where}: MatMulNBits repacking does not reproduce the GPTQ weight exactly (a bug)")
+    return packed
+
+
+def _untie_head(model, weight) -> None:
+    """Give the model a head of its own holding `weight` (vocab, hidden), leaving the embedding as it is."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    untied.weight = nn.Parameter(weight, requires_grad=False)
+    if head.bias is not None:
+        untied.bias = head.bias
+    model.set_output_embeddings(untied)
 
 
 def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path, *, carried: set[str] | None = None, head_nbits: dict | None = None):

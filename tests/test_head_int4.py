@@ -181,7 +181,7 @@ def test_auto_keeps_8_bits_where_the_head_is_a_small_share_of_decode(tmp_path, t
 
     wide = gptq_tiny_llama(tmp_path / "deep", tokenizer_dir, text_files, hidden_size=64, intermediate_size=2048)
     source = build.inspect_source(wide, "int4")
-    head, body = build.decode_bytes(source, 8, 4)
+    head, body = build.decode_bytes(source)
     choice = build.auto_head(source, "int4", build.head_codes_of(source))
     assert body > 3 * head and choice["lm_head"] == "int8" and choice["head_share_8bit"] < build.AUTO_INT4_HEAD_SHARE
 

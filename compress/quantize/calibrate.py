@@ -6,6 +6,7 @@ with the arguments the model itself passes block i (its own mask and rotary tabl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -103,6 +104,23 @@ def _named_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch
     return named.pop(first), named
 
 
+@contextlib.contextmanager
+def _forwards_replaced(blocks, make: Callable[[int, nn.Module], Callable]):
+    """Every block's forward replaced by `make(index, block)` for the duration. A block may already carry an
+    instance-level forward (accelerate's offload hooks wrap it that way): it is restored afterwards, not deleted."""
+    own = [block.__dict__.get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = make(index, block)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = forward
+
+
 @torch.no_grad()
 def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) -> BlockInputs:
     """Block 0's hidden states and every block's own arguments for each calibration batch, from one pass of
@@ -125,21 +143,10 @@ def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) 
 
         return record
 
-    # A block may already carry an instance-level forward (accelerate's offload hooks wrap it that way): it is
-    # restored afterwards, not deleted.
-    own = [block.__dict__.get("forward") for block in blocks]
-    for index, block in enumerate(blocks):
-        block.forward = recorder(index, block, block.forward)
     device = next(model.parameters()).device
-    try:
+    with _forwards_replaced(blocks, lambda index, block: recorder(index, block, block.forward)):
         for start in range(0, len(calib), batch_size):
             model.base_model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for block, forward in zip(blocks, own):
-            if forward is None:
-                del block.forward  # back to the class's forward
-            else:
-                block.forward = forward
     missing = [i for i, kw in enumerate(captured.kwargs) if len(kw) != len(captured.hidden)]
     if missing:
         raise RuntimeError(f"{model.config.model_type}: the model's forward did not call blocks {missing} once per batch; they cannot be calibrated")
@@ -240,7 +247,7 @@ def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hi
     template: dict = {}
     seen: list[torch.Tensor] = []
 
-    def stored(block, forward):
+    def stored(forward):
         def run(*args, **kwargs):
             if "out" not in template:
                 template["out"] = forward(*args, **kwargs)
@@ -254,25 +261,18 @@ def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hi
         seen.append(args[0].detach().float())
         raise _StopForward
 
-    own = [block.__dict__.get("forward") for block in blocks]
-    for block in blocks:
-        block.forward = stored(block, block.forward)
     handle = head.register_forward_pre_hook(grab)
     device = next(model.parameters()).device
     try:
-        for b, start in enumerate(range(0, len(calib), batch_size)):
-            batch["b"] = b
-            try:
-                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with _forwards_replaced(blocks, lambda index, block: stored(block.forward)):
+            for b, start in enumerate(range(0, len(calib), batch_size)):
+                batch["b"] = b
+                try:
+                    model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
-        for block, forward in zip(blocks, own):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
     if len(seen) != len(final_hidden):
         raise RuntimeError(f"{model.config.model_type}: the LM head was reached {len(seen)} times for {len(final_hidden)} calibration batches")
     return seen

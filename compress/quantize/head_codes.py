@@ -47,9 +47,9 @@ def write_head_codes(directory: Path, module: str, result: QuantResult, *, group
     return path
 
 
-def read_head_codes(directory: str | Path, *, vocab: int | None = None, hidden: int | None = None) -> HeadCodes | None:
-    """The head codes beside a GPTQ checkpoint, or None when it has none. A file that contradicts itself or the
-    model (`vocab` x `hidden`) is refused by name."""
+def read_head_codes(directory: str | Path) -> HeadCodes | None:
+    """The head codes beside a GPTQ checkpoint, or None when it has none. A file that contradicts itself is
+    refused by name (the export checks them against the model's head)."""
     path = Path(directory) / HEAD_CODES_FILE
     if not path.is_file():
         return None
@@ -67,6 +67,4 @@ def read_head_codes(directory: str | Path, *, vocab: int | None = None, hidden: 
     cols, rows = packed.g_idx.numel(), packed.scales.shape[1]
     if packed.qweight.shape != (cols * bits // 32, rows):
         raise HeadCodesError(f"{path}: qweight {tuple(packed.qweight.shape)} does not hold {rows} x {cols} weights at {bits} bits; the file is corrupt, re-quantize")
-    if (vocab is not None and rows != vocab) or (hidden is not None and cols != hidden):
-        raise HeadCodesError(f"{path}: codes for a {rows} x {cols} head, but the model's head is {vocab} x {hidden}; the file belongs to another model, delete it or re-quantize")
     return HeadCodes(packed=packed, group_size=int(meta["group_size"]), act_order=meta.get("act_order") == "true", module=meta["module"])
