@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--samples", type=int, help="calibration sequences")
     quantize.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ desc_act")
     quantize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
+    quantize.add_argument("--resume", action="store_true", help="continue an interrupted block-at-a-time quantization from its last finished block (same inputs and settings)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing artifact (a folder compress wrote) at --output")
     quantize.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace a folder compress did not write (never the input)")
     quantize.add_argument("--no-progress", action="store_true")
@@ -168,7 +169,7 @@ def _quantize(args) -> int:
         if quantize is not None:
             _check_method_flags(args, quantize.method)
     recipe = load_recipe(args.recipe, overrides + args.overrides)
-    result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress)
+    result = run_quantize(recipe, args.model, args.output, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress, resume=args.resume)
     print(describe(result))
     return 0
 
@@ -281,7 +282,7 @@ INTERRUPTED = {
     "run": "rerun with --resume: finished stages are kept and an interrupted distillation continues from its last checkpoint",
     "bench": "rerun the same command: finished measurements in the output folder are reused",
     "prune": "nothing was written; rerun the same command to start again",
-    "quantize": "nothing was written (the output appears only when complete); rerun the same command to start again",
+    "quantize": "the output appears only when complete; rerun with --resume to continue from the last finished block (block-at-a-time quantization), or the same command to start again",
     "export": "nothing was written (the output appears only when complete); rerun the same command to start again",
 }
 
@@ -299,6 +300,9 @@ def _group_size(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from compress.heap import bound_heap
+
+    bound_heap()  # memory-bounded stages free whole blocks: let glibc return them (compress/heap.py)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

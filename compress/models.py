@@ -6,6 +6,8 @@ into a cached HF folder). Weights load from safetensors only; remote code only w
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -243,6 +245,7 @@ def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False, w
     if not weights:
         return
     files = sorted(folder.glob("*.safetensors"))
+    _check_index(folder)
     stamp = (str(folder.resolve()), trust_remote_code, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (folder / "config.json", *files)))
     if stamp in _CHECKED or not files:  # no safetensors files: the loader says so
         return
@@ -257,6 +260,20 @@ def check_model_folder(folder: str | Path, *, trust_remote_code: bool = False, w
         check_groups(folder, quant, CheckpointTensors({k: (file, k) for k, (file, _) in stored.items()}, torch.float32))
     _check_finite(files)
     _CHECKED.add(stamp)
+
+
+def _check_index(folder: Path) -> None:
+    """A sharded checkpoint whose index names a shard that is not there is refused, naming the shard."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelSourceError(f"{index} is unreadable ({err}); re-create or re-download the model") from None
+    missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+    if missing:
+        raise ModelSourceError(f"{folder / missing[0]} (named in {index} for {sum(f == missing[0] for f in weight_map.values())} tensors) is missing; copy or download every shard the index names")
 
 
 def _unreadable(file: Path, err: Exception) -> CorruptWeightsError:
@@ -310,6 +327,29 @@ def _check_shapes(folder: Path, config_dict: dict, stored: dict, trust_remote_co
     )
 
 
+_FINITE_SLICE = 64 * 2**20
+
+
+def _finite(file: Path, key: str) -> bool:
+    """Whether tensor `key` of `file` holds no NaN/Inf (True for integer tensors), read a slice at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        part = fh.get_slice(key)
+        shape, dtype = part.get_shape(), part.get_dtype()
+    if not dtype.startswith(("F", "BF")):
+        return True
+    rows = shape[0] if shape else 1
+    per_row = max(1, math.prod(shape[1:]) * 4)
+    step = max(1, _FINITE_SLICE // per_row)
+    for start in range(0, rows, step):
+        with safe_open(str(file), framework="pt") as fh:
+            chunk = fh.get_tensor(key) if not shape else fh.get_slice(key)[start : start + step]
+        if not torch.isfinite(chunk).all():
+            return False
+    return True
+
+
 def _check_finite(files: list[Path]) -> None:
     """Read every tensor once: a NaN/Inf is named with its file (and a file that fails mid-read is corrupt)."""
     from safetensors import SafetensorError, safe_open
@@ -317,17 +357,21 @@ def _check_finite(files: list[Path]) -> None:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():
+                keys = list(fh.keys())
+            for key in keys:
+                # One open per slice of at most _FINITE_SLICE bytes: a file held open keeps every page read so
+                # far mapped (resident), so checking a 5 GB shard in one go would cost 5 GB of RSS.
+                if _finite(file, key):
+                    continue
+                with safe_open(str(file), framework="pt") as fh:
                     tensor = fh.get_tensor(key)
-                    if not tensor.is_floating_point() or torch.isfinite(tensor).all():
-                        continue
-                    nan = int(torch.isnan(tensor).sum())
-                    inf = int((~torch.isfinite(tensor)).sum()) - nan
-                    counts = ", ".join(part for part in (nan and f"{nan} NaN", inf and f"{inf} Inf") if part)
-                    raise NonFiniteWeightsError(
-                        f"{key} in {file} has {nan + inf} non-finite value{'s' if nan + inf > 1 else ''} ({counts}) of {tensor.numel():,}: "
-                        "the model is broken (a diverged run, a bad conversion or download); use the checkpoint it came from or re-create it"
-                    )
+                nan = int(torch.isnan(tensor).sum())
+                inf = int((~torch.isfinite(tensor)).sum()) - nan
+                counts = ", ".join(part for part in (nan and f"{nan} NaN", inf and f"{inf} Inf") if part)
+                raise NonFiniteWeightsError(
+                    f"{key} in {file} has {nan + inf} non-finite value{'s' if nan + inf > 1 else ''} ({counts}) of {tensor.numel():,}: "
+                    "the model is broken (a diverged run, a bad conversion or download); use the checkpoint it came from or re-create it"
+                )
         except NonFiniteWeightsError:
             raise
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -385,6 +429,9 @@ class CheckpointTensors(Mapping):
 
     def __iter__(self):
         return iter(self._where)
+
+    def __contains__(self, key) -> bool:  # Mapping's would read the tensor
+        return key in self._where
 
     def __len__(self) -> int:
         return len(self._where)

@@ -187,6 +187,10 @@ class _QuantBase(Spec):
 
 class _IntQuantSpec(_QuantBase):
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    load: Literal["auto", "blocks", "whole"] = Field(
+        "auto",
+        description="How the float model is held. `blocks`: never whole: built on the meta device, each block read from the memory-mapped safetensors when its turn comes, quantized, written and freed (peak about one block plus the activations; the plan is printed first), resumable per block with --resume; the same codes as `whole` (tests/test_sequential.py). `whole`: loaded whole (needed for checkpoints whose tensors are converted on load, such as fused mixture-of-experts stacks). auto = blocks where the checkpoint allows it, else whole.",
+    )
     group_size: int | Literal["auto"] = Field("auto", description="Input columns sharing one scale/zero; -1 = one group per output row; auto = the largest of 128/64/32/16 that divides every quantized layer's input width (the GPTQ kernels of GPTQModel, transformers and vLLM refuse groups that do not).")
     sym: StrictBool = Field(True, description="Symmetric grid (zero point fixed at the middle) instead of asymmetric.")
 

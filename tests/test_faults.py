@@ -146,7 +146,7 @@ def _tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
     return save_tiny(directory, "llama", tokenizer_dir, layers=1)
 
 
-def test_ctrl_c_in_quantize_and_export_names_what_continues_and_leaves_nothing(tmp_path, tokenizer_dir, text_files, capsys, monkeypatch):
+def test_ctrl_c_in_quantize_and_export_names_what_continues_and_leaves_nothing_else(tmp_path, tokenizer_dir, text_files, capsys, monkeypatch):
     """A real Ctrl-C inside the stage (while its staging folder exists), not just in the command function."""
     import compress.artifacts as artifacts
 
@@ -170,10 +170,19 @@ def test_ctrl_c_in_quantize_and_export_names_what_continues_and_leaves_nothing(t
     for name, argv in commands.items():
         assert main(argv) == 130
         err = capsys.readouterr().err
-        assert f"compress {name}: interrupted; nothing was written" in err and "rerun the same command" in err
-        assert "--resume" not in err and "Traceback" not in err
+        if name == "quantize":  # block at a time: the finished blocks wait for --resume
+            assert "compress quantize: interrupted; the output appears only when complete; rerun with --resume to continue from the last finished block" in err
+        else:
+            assert f"compress {name}: interrupted; nothing was written" in err and "rerun the same command" in err and "--resume" not in err
+        assert "Traceback" not in err
         assert not (tmp_path / argv[argv.index("--output") + 1]).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m"]  # no staging folder left either
+    # no staging folder left, only quantize's progress folder, which --resume finishes from
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.blocks", "cache", "m"]
+    argv = commands["quantize"]
+    monkeypatch.setattr(quantize_stage, "write_json_atomic", real)
+    assert main([*argv, "--resume"]) == 0
+    assert "resuming block-at-a-time quantization at block 1" in capsys.readouterr().out  # its one block was done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m", "q"]
 
 
 # --- 5. calibration flags with a method that needs none ---------------------------------------------------------

@@ -292,3 +292,22 @@ def test_shared_hessian_matches_separate_gptq(act_order, static_groups):
     with pytest.raises(ValueError, match="same number of columns"):
         gptq_shared([weight(8, 128), weight(8, 64)], H, QuantGrid(4))
 
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_rows_in_passes_give_the_one_pass_result(monkeypatch, act_order):
+    """Large groups are quantized ROWS_PER_PASS rows at a time with H factorized once; passes that cut through the
+    parts (q/k/v here) must give what one pass gives, part by part."""
+    import compress.quantize.gptq as core
+
+    H = hessian(correlated_inputs(512, 128))
+    Ws = [weight(24, 128, seed=1), weight(8, 128, seed=2), weight(40, 128, seed=3)]
+    opts = dict(group_size=32, act_order=act_order, scale_search="mse-hessian")
+    one = gptq_shared(Ws, H, QuantGrid(4), **opts)
+    monkeypatch.setattr(core, "ROWS_PER_PASS", 13)  # 72 rows in 6 passes, boundaries inside every part
+    passes = gptq_shared(Ws, H, QuantGrid(4), **opts)
+    for a, b in zip(one, passes):
+        assert torch.equal(a.g_idx, b.g_idx) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+        assert (a.codes == b.codes).float().mean() > 0.999
+        torch.testing.assert_close(a.Q, b.Q, atol=float(a.scales.max()) * 1.01, rtol=0)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+

@@ -78,6 +78,7 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[list[dict]]
+    template: object = None  # one real block output (a tensor, or a tuple whose tail a pass-through repeats)
 
     def states(self, index: int, hidden: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, dict]]:
         """(hidden states, keyword arguments) per batch for block `index`; `hidden` defaults to block 0's inputs."""
@@ -143,13 +144,14 @@ def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) 
 
         return record
 
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     with _forwards_replaced(blocks, lambda index, block: recorder(index, block, block.forward)):
         for start in range(0, len(calib), batch_size):
             model.base_model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
     missing = [i for i, kw in enumerate(captured.kwargs) if len(kw) != len(captured.hidden)]
     if missing:
         raise RuntimeError(f"{model.config.model_type}: the model's forward did not call blocks {missing} once per batch; they cannot be calibrated")
+    captured.template = template.get("out")
     return captured
 
 
@@ -182,6 +184,11 @@ def quantize_blocks(
     min_tokens: int | None = None,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
     final_hidden: list[torch.Tensor] | None = None,
+    hooks: "BlockHooks | None" = None,
+    calibration: BlockInputs | None = None,
+    start: int = 0,
+    start_hidden: list[torch.Tensor] | None = None,
+    results: dict | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     """Quantize every selected Linear in place (weights replaced by their dequantized values) and
     return the per-module results that the checkpoint format packs.
@@ -196,24 +203,38 @@ def quantize_blocks(
     on the calibration text), and GPTQ on a handful of tokens fits those tokens, not the data.
 
     `final_hidden` (GPTQ): a list that receives the last block's outputs per calibration batch, through the
-    quantized blocks (what `quantize_head` calibrates the LM head on)."""
+    quantized blocks (what `quantize_head` calibrates the LM head on).
+
+    Block-at-a-time (`compress.quantize.sequential`): `hooks.before(i, block)` onloads block i before it is
+    touched and `hooks.after(i, block, outputs, reports, results)` writes and frees it; `calibration` is a capture
+    made beforehand; `start` / `start_hidden` continue an interrupted run at block `start` from its inputs;
+    `results` receives each finished layer (a mapping that packs on insert keeps a block's results small)."""
     if forward_dtype not in _FORWARD_DTYPES:
         raise ValueError(f"forward_dtype must be one of {list(_FORWARD_DTYPES)}, got {forward_dtype!r}")
     dtype = _FORWARD_DTYPES[forward_dtype]
     linears = quantizable_linears(model, skip)
     if not linears:
         raise ValueError(f"no Linear layers to quantize in {model.config.model_type} after skipping {list(skip)}")
-    results: dict[str, QuantResult] = {}
+    results = {} if results is None else results
     reports: list[LayerReport] = []
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
-    captured = capture_calibration(model, calib, batch_size) if method == "gptq" else BlockInputs([], [])
-    hidden = [h.to(dtype) for h in captured.hidden]
+    if calibration is not None:
+        captured = calibration
+    else:
+        captured = capture_calibration(model, calib, batch_size) if method == "gptq" else BlockInputs([], [])
+    hidden = [h.to(dtype) for h in (captured.hidden if start_hidden is None else start_hidden)]
     cast: dict = {}  # tensors the blocks share (one rotary table, one mask) are cast once
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     with Workers(len(hidden) if true_sequential else 0) as workers:  # threads kept for every block
         run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results, min_tokens)
         for i, block in enumerate(blocks):
+            if i < start:  # finished by the run this one continues
+                if method == "gptq":
+                    captured.kwargs[i] = []
+                continue
+            if hooks is not None:
+                hooks.before(i, block)
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             if method == "gptq":
                 states = [(h, _cast_floats(kw, dtype, cast)) for h, kw in captured.states(i, hidden)]
@@ -228,6 +249,8 @@ def quantize_blocks(
                     set_linear_weight(module, res.Q)
                     results[name] = on_cpu(res)
             reports.extend(block_reports)
+            if hooks is not None:
+                hooks.after(i, block, hidden, block_reports, results)
             if on_layer is not None:
                 on_layer(i, len(blocks), block_reports)
     if final_hidden is not None and method == "gptq":
@@ -235,16 +258,46 @@ def quantize_blocks(
     return results, reports
 
 
+def _model_inputs(model: nn.Module, ids: torch.Tensor) -> dict:
+    """input_ids, or, while the input embedding is offloaded (block-at-a-time quantization), zero embeddings of the
+    same shape: a replay's blocks return stored outputs, so what enters them does not matter."""
+    weight = model.get_input_embeddings().weight
+    if not weight.is_meta:
+        return {"input_ids": ids}
+    head = model.get_output_embeddings().weight
+    return {"inputs_embeds": torch.zeros(*ids.shape, weight.shape[1], dtype=head.dtype, device=head.device)}
+
+
+class BlockHooks:
+    """What the block driver calls around each block (no-ops here): see `compress.quantize.sequential`."""
+
+    def before(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def after(self, index: int, block: nn.Module, outputs: list[torch.Tensor], reports: list[LayerReport], results: dict[str, QuantResult]) -> None:
+        pass
+
+
 @torch.no_grad()
-def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hidden: list[torch.Tensor], template=None) -> list[torch.Tensor]:
     """What the LM head reads for each calibration batch when the last block outputs `final_hidden[b]`: the
     model's own forward with every block replaced by a pass-through that returns the stored output, stopped at
     the head's input. Whatever the family puts between the blocks and the head (final norm, OPT's project_out)
-    runs as the model runs it; no block computes."""
+    runs as the model runs it; no block computes (`template`, a block output from `capture_calibration`, spares
+    the one real block call that otherwise gives the output's structure: blocks offloaded to meta cannot run)."""
+    return _replayed(model, calib, batch_size, final_hidden, template, head=True)
+
+
+@torch.no_grad()
+def logits_from_final(model: nn.Module, ids: torch.Tensor, batch_size: int, final_hidden: list[torch.Tensor], template=None) -> list[torch.Tensor]:
+    """The model's logits per batch of `ids` when its last block outputs `final_hidden[b]` (as `head_inputs`)."""
+    return _replayed(model, ids, batch_size, final_hidden, template, head=False)
+
+
+def _replayed(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hidden: list[torch.Tensor], given, *, head: bool) -> list[torch.Tensor]:
     blocks = get_blocks(model)
-    head = model.get_output_embeddings()
     batch = {"b": 0}
-    template: dict = {}
+    template: dict = {} if given is None else {"out": given}
     seen: list[torch.Tensor] = []
 
     def stored(forward):
@@ -261,38 +314,79 @@ def head_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int, final_hi
         seen.append(args[0].detach().float())
         raise _StopForward
 
-    handle = head.register_forward_pre_hook(grab)
-    device = next(model.parameters()).device
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab) if head else None
+    device = model.get_output_embeddings().weight.device
     try:
         with _forwards_replaced(blocks, lambda index, block: stored(block.forward)):
             for b, start in enumerate(range(0, len(calib), batch_size)):
                 batch["b"] = b
+                ids = calib[start : start + batch_size].to(device)
                 try:
-                    model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+                    out = model(**_model_inputs(model, ids), use_cache=False)
+                    seen.append(out.logits)
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     if len(seen) != len(final_hidden):
-        raise RuntimeError(f"{model.config.model_type}: the LM head was reached {len(seen)} times for {len(final_hidden)} calibration batches")
+        raise RuntimeError(f"{model.config.model_type}: the LM head was reached {len(seen)} times for {len(final_hidden)} batches")
     return seen
+
+
+HEAD_ROWS = 8192  # vocabulary rows GPTQ'd at once: rows are independent, so chunks bound the working memory
 
 
 @torch.no_grad()
 def quantize_head(model: nn.Module, inputs: list[torch.Tensor], grid: QuantGrid, *, group_size: int, act_order: bool, damp: float = 0.01, block_size: int = 128, scale_search: str = "minmax") -> tuple[QuantResult, LayerReport]:
     """GPTQ of the LM head on what it reads (`head_inputs`): the vocabulary rows are the output channels, the
     Hessian is that of the final hidden states. The model is left unchanged (a tied head is the embedding too)."""
+    chunks, report = [], None
+    for res, report in _head_chunks(model, inputs, grid, group_size=group_size, act_order=act_order, damp=damp, block_size=block_size, scale_search=scale_search):
+        chunks.append(res)
+    first = chunks[0]
+    res = dataclasses.replace(
+        first, Q=torch.cat([c.Q for c in chunks]), codes=torch.cat([c.codes for c in chunks]),
+        scales=torch.cat([c.scales for c in chunks], dim=1), zeros=torch.cat([c.zeros for c in chunks], dim=1),
+    )
+    return res, report
+
+
+@torch.no_grad()
+def quantize_head_packed(model: nn.Module, inputs: list[torch.Tensor], grid: QuantGrid, *, v2: bool, **options):
+    """`quantize_head`, each chunk of HEAD_ROWS rows packed as soon as it is done (a 128k x 4k head's fp32 Q
+    and int32 codes would be 4 GB): (PackedGPTQ, LayerReport)."""
+    from compress.quantize.packing import PackedGPTQ, pack
+
+    parts, report = [], None
+    for res, report in _head_chunks(model, inputs, grid, **options):
+        parts.append(pack(res, v2=v2))
+    cat = lambda name, dim: torch.cat([getattr(p, name) for p in parts], dim=dim)  # noqa: E731
+    return PackedGPTQ(cat("qweight", 1), cat("qzeros", 1), cat("scales", 1), parts[0].g_idx, parts[0].bits, v2), report
+
+
+def _head_chunks(model: nn.Module, inputs: list[torch.Tensor], grid: QuantGrid, *, group_size: int, act_order: bool, damp: float = 0.01, block_size: int = 128, scale_search: str = "minmax"):
+    """(QuantResult of rows r:r+HEAD_ROWS, LayerReport of the rows so far) per chunk of the head's rows."""
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
     H, n = None, 0
     for x in inputs:
         H, n = accumulate_hessian(H, n, x.to(head.weight.device))
-    W = linear_weight(head).detach().float()
-    try:
-        (res,) = gptq_shared([W], H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=False, scale_search=scale_search)
-    except ValueError as err:
-        raise ValueError(f"GPTQ of the LM head {name}: {err}") from err
-    return on_cpu(res), dataclasses.replace(_report(name, W, res.Q, H), tokens=n)
+    weight = linear_weight(head).detach()
+    sums = torch.zeros(4, dtype=torch.float64)  # ||D||², ||W||², tr(D H Dᵀ), tr(W H Wᵀ)
+    for r in range(0, weight.shape[0], HEAD_ROWS):
+        W = weight[r : r + HEAD_ROWS].float()
+        try:
+            (res,) = gptq_shared([W], H, grid, group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=False, scale_search=scale_search)
+        except ValueError as err:
+            raise ValueError(f"GPTQ of the LM head {name}: {err}") from err
+        D = W - res.Q.float()
+        sums += torch.stack([(D * D).sum(), (W * W).sum(), (D @ H * D).sum(), (W @ H * W).sum()]).double().cpu()
+        report = LayerReport(
+            name, tuple(weight.shape), (sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-12)).item(),
+            (sums[2].clamp_min(0) / sums[3].clamp_min(1e-12)).sqrt().item(), tokens=n,
+        )
+        yield on_cpu(res), report
 
 
 @dataclass

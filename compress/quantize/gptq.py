@@ -136,23 +136,47 @@ def gptq_shared(Ws: list[Tensor], H: Tensor, grid: QuantGrid, **options) -> list
     if len({W.shape[1] for W in Ws}) != 1:
         raise ValueError(f"weights sharing a Hessian need the same number of columns, got {[tuple(W.shape) for W in Ws]}")
     sizes = [W.shape[0] for W in Ws]
-    W = torch.cat([W.detach().float() for W in Ws])  # (sum rows, cols)
     keys = ("group_size", "damp", "act_order", "block_size", "static_groups", "scale_search")
     unknown = set(options) - set(keys)
     if unknown:
         raise TypeError(f"unknown gptq options: {sorted(unknown)}")
     defaults = dict(group_size=128, damp=0.01, act_order=False, block_size=128, static_groups=False, scale_search="minmax")
-    stacked, row_loss = _gptq(W, H, grid, *(options.get(k, defaults[k]) for k in keys))
-    out = []
-    for part, rows in zip(Ws, (slice(a, a + n) for a, n in zip([0, *torch.tensor(sizes).cumsum(0).tolist()], sizes))):
-        # Copies, not views: checkpoints refuse tensors that share storage.
-        out.append(
-            QuantResult(
-                stacked.Q[rows].to(part.dtype, copy=True), stacked.codes[rows].clone(), stacked.scales[:, rows].contiguous(),
-                stacked.zeros[:, rows].contiguous(), stacked.g_idx.clone(), grid, stacked.group_size, float(row_loss[rows].sum()),
-            )
-        )
-    return out
+    args = [options.get(k, defaults[k]) for k in keys]
+    cols, total = Ws[0].shape[1], sum(sizes)
+    device = Ws[0].device
+    # The outputs, filled pass by pass. Copies, not views: checkpoints refuse tensors that share storage.
+    n_groups = group_count(cols, args[0])
+    Q = [torch.empty(n, cols, dtype=W.dtype, device=device) for n, W in zip(sizes, Ws)]
+    codes = [torch.empty(n, cols, dtype=torch.int32, device=device) for n in sizes]
+    scales = [torch.empty(n_groups, n, device=device) for n in sizes]
+    zeros = [torch.empty(n_groups, n, dtype=torch.int32, device=device) for n in sizes]
+    losses = [0.0] * len(Ws)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    shared: dict = {}  # what only H decides (order, Cholesky factor), computed once for every pass
+    g_idx = None
+    for a in range(0, total, ROWS_PER_PASS):
+        b = min(a + ROWS_PER_PASS, total)
+        # Rows a:b of the stacked weights, taken part by part (only this pass's rows are stacked).
+        W = torch.cat([Ws[k][max(a, s) - s : min(b, e) - s].detach().float() for k, (s, e) in enumerate(zip(starts, starts[1:])) if s < b and e > a])
+        res, row_loss = _gptq(W, H, grid, *args, shared=shared)
+        del W
+        g_idx = res.g_idx
+        for k, (s, e) in enumerate(zip(starts, starts[1:])):
+            lo, hi = max(a, s), min(b, e)
+            if lo >= hi:
+                continue
+            Q[k][lo - s : hi - s] = res.Q[lo - a : hi - a]
+            codes[k][lo - s : hi - s] = res.codes[lo - a : hi - a]
+            scales[k][:, lo - s : hi - s] = res.scales[:, lo - a : hi - a]
+            zeros[k][:, lo - s : hi - s] = res.zeros[:, lo - a : hi - a]
+            losses[k] += float(row_loss[lo - a : hi - a].sum())
+        del res
+    return [QuantResult(Q[k], codes[k], scales[k], zeros[k], g_idx.clone(), grid, args[0], losses[k]) for k in range(len(Ws))]
+
+
+# Rows quantized in one pass of the column loop: rows are independent given H, so larger groups (a 70B model's
+# gate/up are 57k x 8k) go in passes that share H's factorization, and the working copies stay bounded.
+ROWS_PER_PASS = 4096
 
 
 def _group_params(W: Tensor, grid: QuantGrid, scale_search: str, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,23 +188,36 @@ def _group_params(W: Tensor, grid: QuantGrid, scale_search: str, d: Tensor) -> t
     return find_params_mse(W, grid, weights=d.pow(-2), norm=2.0)
 
 
-def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, scale_search) -> tuple[QuantResult, Tensor]:
-    """gptq, also returning each row's share of the loss (rows,)."""
-    _check_inputs(W, H, group_size, damp, block_size)
+def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, scale_search, shared: dict | None = None) -> tuple[QuantResult, Tensor]:
+    """gptq, also returning each row's share of the loss (rows,). `shared` keeps what H alone decides (dead
+    columns, visiting order, the Cholesky factor) for the next call with the same H."""
+    if not shared:
+        _check_inputs(W, H, group_size, damp, block_size)
+    else:
+        check_weight(W)
     if scale_search not in SCALE_SEARCHES:
         raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {scale_search!r}")
     if static_groups and scale_search == "mse-hessian":
         raise ValueError("scale_search='mse-hessian' weighs columns by the Cholesky factor of the visiting order; use 'mse' with static_groups")
     rows, cols = W.shape
     maxq = grid.maxq
-    W_orig = W
+    dtype = W.dtype
     W = W.detach().to(torch.float32, copy=True)  # (rows, cols)
-    H = H.detach().to(W.device, torch.float32, copy=True)  # (cols, cols)
-
-    # A column no calibration input ever excites cannot change the output: zero it and give H a
-    # unit diagonal there so it stays invertible.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if not shared:
+        H = H.detach().to(W.device, torch.float32, copy=True)  # (cols, cols)
+        # A column no calibration input ever excites cannot change the output: zero it and give H a
+        # unit diagonal there so it stays invertible.
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+        H = H[perm][:, perm]
+        found = {"dead": dead, "perm": perm, "Hinv": _inverse_cholesky(H, damp)}  # (cols, cols) upper triangular
+        del H
+        if shared is not None:
+            shared.update(found)
+    else:
+        found = shared
+    dead, perm, Hinv = found["dead"], found["perm"], found["Hinv"]
     W[:, dead] = 0
 
     size = cols if group_size == -1 else group_size
@@ -192,19 +229,17 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
         for g in range(n_groups):
             scales[g], zeros[g] = _group_params(W[:, g * size : (g + 1) * size], grid, scale_search, None)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     # Transposed working copy: column j of W is the contiguous row Wt[j], so the column loop
     # below reads and updates contiguous memory.
     Wt = W[:, perm].T.contiguous()  # (cols, rows)
-    H = H[perm][:, perm]
+    del W
     # Group of each column in the visiting order: consecutive in that order, or for static groups
     # the group its original column belongs to.
-    g_perm = (perm if static else torch.arange(cols, device=W.device)) // size  # (cols,)
+    g_perm = (perm if static else torch.arange(cols, device=Wt.device)) // size  # (cols,)
 
-    Hinv = _inverse_cholesky(H, damp)  # (cols, cols) upper triangular
     d_all = Hinv.diagonal()  # (cols,)
-    codes_t = torch.empty(cols, rows, device=W.device)
-    row_loss = torch.zeros(rows, device=W.device)
+    codes_t = torch.empty(cols, rows, device=Wt.device)
+    row_loss = torch.zeros(rows, device=Wt.device)
     g_list = g_perm.tolist()
     i1 = 0
     while i1 < cols:
@@ -234,10 +269,12 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         i1 = i2
 
+    del Wt
     codes = codes_t.T + zeros[g_perm].T  # (rows, cols): t + zero
+    del codes_t
     invperm = torch.argsort(perm)
     codes = codes[:, invperm].to(torch.int32)
     g_idx = g_perm[invperm].to(torch.int32)  # g_idx[perm[j]] = g_perm[j]
     Q = dequantize_grouped(codes, scales, zeros, g_idx)  # (rows, cols)
     loss = float(row_loss.sum())
-    return QuantResult(Q.to(W_orig.dtype), codes, scales, zeros.to(torch.int32), g_idx, grid, group_size, loss), row_loss
+    return QuantResult(Q.to(dtype), codes, scales, zeros.to(torch.int32), g_idx, grid, group_size, loss), row_loss

@@ -61,23 +61,32 @@ FORMATS = ("gptq", "gptq_v2")
 
 def write_gptq(directory: Path, model: nn.Module, results: dict[str, QuantResult], qconfig: dict, tokenizer=None) -> None:
     """Model files in `directory`: float tensors of unquantized modules + packed tensors of quantized ones."""
-    state = {}
-    for key, value in model.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if module in results and leaf == "weight":
-            continue
-        state[key] = value.detach().contiguous()
-    if getattr(model.config, "tie_word_embeddings", False):
-        # safetensors refuses shared storage; loaders re-tie the head to the embedding.
-        state.pop(_head_key(model), None)
-    v2 = qconfig.get("checkpoint_format") == "gptq_v2"
-    for name, result in results.items():
-        packed = pack(result, v2=v2)
-        state[f"{name}.qweight"] = packed.qweight
-        state[f"{name}.qzeros"] = packed.qzeros
-        state[f"{name}.scales"] = packed.scales
-        state[f"{name}.g_idx"] = packed.g_idx
+    tied = _head_key(model) if getattr(model.config, "tie_word_embeddings", False) else None
+    state = gptq_tensors(model.state_dict(), results, v2=qconfig.get("checkpoint_format") == "gptq_v2", drop=tied)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_gptq_config(directory, model, qconfig, tokenizer)
+
+
+def gptq_tensors(state: Mapping[str, torch.Tensor], results: Mapping[str, "QuantResult | PackedGPTQ"], *, v2: bool, drop: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of (part of) a model: its float tensors `state` minus the quantized weights and `drop`
+    (a tied head: safetensors refuses shared storage and loaders re-tie it), plus each result packed (or already so)."""
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if (module in results and leaf == "weight") or key == drop:
+            continue
+        out[key] = value.detach().contiguous()
+    for name, result in results.items():
+        packed = result if isinstance(result, PackedGPTQ) else pack(result, v2=v2)
+        out[f"{name}.qweight"] = packed.qweight
+        out[f"{name}.qzeros"] = packed.qzeros
+        out[f"{name}.scales"] = packed.scales
+        out[f"{name}.g_idx"] = packed.g_idx
+    return out
+
+
+def write_gptq_config(directory: Path, model: nn.Module, qconfig: dict, tokenizer=None) -> None:
+    """config.json with its quantization_config, generation_config.json, the tokenizer files."""
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -15,8 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compress.quantize.grid import QuantResult
-from compress.quantize.packing import PackedGPTQ, dequantize_packed, pack
+from compress.quantize.packing import PackedGPTQ, dequantize_packed
 
 HEAD_CODES_FILE = "extras/lm_head_gptq.safetensors"
 
@@ -37,12 +36,11 @@ class HeadCodes:
         return dequantize_packed(self.packed, dtype=dtype)
 
 
-def write_head_codes(directory: Path, module: str, result: QuantResult, *, group_size: int, act_order: bool, v2: bool) -> Path:
-    packed = pack(result, v2=v2)
+def write_head_codes(directory: Path, module: str, packed: PackedGPTQ, *, group_size: int, act_order: bool) -> Path:
     path = Path(directory) / HEAD_CODES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales, "g_idx": packed.g_idx}
-    meta = {"module": module, "bits": str(result.grid.bits), "group_size": str(group_size), "act_order": str(act_order).lower(), "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    meta = {"module": module, "bits": str(packed.bits), "group_size": str(group_size), "act_order": str(act_order).lower(), "checkpoint_format": "gptq_v2" if packed.v2 else "gptq"}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return path
 

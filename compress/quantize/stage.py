@@ -7,6 +7,7 @@ and its held-out perplexity measured before the artifact is renamed into place.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,7 +160,26 @@ def eval_blocks(recipe: Recipe, tokenizer) -> torch.Tensor:
     return packed_blocks(data.eval or data.train, tokenizer, seq_len=data.seq_len, text_field=data.text_field, max_tokens=data.max_eval_tokens, cache_dir=_cache(recipe))
 
 
-def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True) -> QuantizeResult:
+def load_mode(spec, source: str, device: torch.device):
+    """("blocks", Onloader) where the model can be quantized block at a time (quantize.load auto/blocks), else
+    ("whole", None); quantize.load: blocks on a model that cannot be read that way is refused, saying why."""
+    if isinstance(spec, BnbSpec) or spec.load == "whole":
+        return "whole", None
+    from compress.quantize.sequential import Onloader, SequentialError
+
+    try:
+        onloader = Onloader(source, device=device)
+        experts = moe.expert_modules(onloader.model)
+        if experts:
+            raise SequentialError(f"{source}: {experts[0]} keeps its experts in stacked tensors, which are split into Linears in memory; set quantize.load: whole")
+    except SequentialError as err:
+        if spec.load == "blocks":
+            raise QuantizeError(f"quantize.load: blocks: {err}") from None
+        return "whole", None
+    return "blocks", onloader
+
+
+def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: bool = False, overwrite_any: bool = False, progress: bool = True, resume: bool = False, log=print) -> QuantizeResult:
     spec = recipe.quantize
     if spec is None:
         raise QuantizeError("the recipe has no quantize section (give --method or a recipe with quantize:)")
@@ -169,12 +189,13 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
     read_paths = [models.on_disk(source), spec.calib.source if isinstance(spec, GPTQSpec) else None, data.train, data.eval]
     # The quantized folder is smaller than its float input: the input's size bounds it.
     check_output(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any, expected_bytes=size_on_disk(read_paths[0]))
-    model = models.load_model(source)
-    if getattr(model.config, "quantization_config", None):
+    device = _device(spec)
+    if (models.load_config(source).to_dict().get("quantization_config")) is not None:
         raise QuantizeError(f"{source} is already quantized; quantize a float model")
+    mode, onloader = load_mode(spec, source, device)
+    model = onloader.model if onloader is not None else models.load_model(source)
     check_quantizable_blocks(model, spec)  # unsupported architectures and expert stacks stop here, by name
     tokenizer = models.load_tokenizer(source)
-    device = _device(spec)
     held_out = eval_blocks(recipe, tokenizer)
     inputs = [describe_input("model", source, models.local_path(source))]
     extra: dict = {}
@@ -188,12 +209,38 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
         calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer) if isinstance(spec, GPTQSpec) else (None, None))
         if calib is not None:
             inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len})
-    model.to(device)
-    before = perplexity_on_blocks(model, held_out)
+    if mode == "whole":
+        model.to(device)
+        before = perplexity_on_blocks(model, held_out)
+    extra["load"] = mode
 
     t0 = time.perf_counter()
     with staging_dir(output, inputs=read_paths, overwrite=overwrite, overwrite_any=overwrite_any) as tmp:
-        if isinstance(spec, BnbSpec):
+        if mode == "blocks":
+            from compress.quantize.gptq_checkpoint import checkpoint_format, write_gptq_config
+            from compress.quantize.sequential import finish, fingerprint, progress_dir, quantize_by_blocks
+
+            v2 = checkpoint_format(spec.sym) == "gptq_v2"
+            fp = fingerprint(inputs, spec.model_dump(mode="json"), hashlib.sha256(held_out.numpy().tobytes()).hexdigest())
+            bar = _progress_bar(model, spec, progress)
+            driver = lambda m, c, **hooks: _quantize_int(m, spec, c, bar, **hooks)  # noqa: E731
+            try:
+                outcome = quantize_by_blocks(onloader, spec, calib, held_out, output=output, fp=fp, resume=resume, v2=v2, quantize=driver, log=log)
+            finally:
+                bar.close()
+            head = _head_codes(model, spec, calib, outcome.final_hidden, outcome.template) if head_codes else None
+            quantize_time = time.perf_counter() - t0
+            finish(onloader, progress_dir(output), tmp, v2=v2)
+            qconfig = _qconfig(spec, [r.name for r in outcome.reports])
+            write_gptq_config(tmp, model, qconfig, tokenizer)
+            _write_head(tmp, spec, head, qconfig, extra)
+            reports, before, after = outcome.reports, outcome.before, outcome.after
+            extra["layers"] = [asdict(r) for r in reports]
+            extra["block_seconds"] = outcome.seconds
+            extra["memory_plan"] = outcome.plan
+            experts = expert_summary(reports)
+            models.check_model_folder(tmp)  # the merged folder reads back: shapes, groups, finite values
+        elif isinstance(spec, BnbSpec):
             from compress.quantize.bnb import quantize_bnb
 
             model.cpu()
@@ -205,33 +252,25 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             del quantized
             reloaded = models.load_quantized(tmp, device=device)
         else:
-            from compress.quantize.gptq_checkpoint import quantization_config, write_gptq
+            from compress.quantize.gptq_checkpoint import write_gptq
 
             final: list[torch.Tensor] | None = [] if head_codes else None
-            results, reports = _quantize_int(model, spec, calib if isinstance(spec, GPTQSpec) else None, progress, final)
+            bar = _progress_bar(model, spec, progress)
+            try:
+                results, reports = _quantize_int(model, spec, calib if isinstance(spec, GPTQSpec) else None, bar, final_hidden=final)
+            finally:
+                bar.close()
             head = _head_codes(model, spec, calib, final) if final is not None else None
             quantize_time = time.perf_counter() - t0
-            qconfig = quantization_config(
-                bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-                act_order=getattr(spec, "act_order", False), damp=getattr(spec, "damp", None),
-                static_groups=getattr(spec, "static_groups", False), modules=list(results),
-            )
-            qconfig["true_sequential"] = getattr(spec, "true_sequential", False)
-            if isinstance(spec, GPTQSpec):
-                qconfig["meta"].update(scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
-            qconfig["meta"]["method"] = spec.method
+            qconfig = _qconfig(spec, list(results))
             write_gptq(tmp, model.cpu(), results, qconfig, tokenizer)
-            if head is not None:
-                from compress.quantize.head_codes import HEAD_CODES_FILE, write_head_codes
-
-                result, report = head
-                write_head_codes(tmp, report.name, result, group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order, v2=qconfig["checkpoint_format"] == "gptq_v2")
-                extra["lm_head_codes"] = {"file": HEAD_CODES_FILE, "bits": 4, "group_size": spec.head_codes.group_size, "act_order": spec.head_codes.act_order, **asdict(report)}
+            _write_head(tmp, spec, head, qconfig, extra)
             del model
             extra["layers"] = [asdict(r) for r in reports]
             experts = expert_summary(reports)
             reloaded = models.load_quantized(tmp, device=device)
-        after = perplexity_on_blocks(reloaded, held_out)
+        if mode == "whole":
+            after = perplexity_on_blocks(reloaded, held_out)
         metrics = {
             "method": spec.method,
             "ppl_before": before["ppl"],
@@ -256,7 +295,36 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             extra=extra,
         )
         write_json_atomic(tmp / RECORD_FILE, record.to_json())
+    if mode == "blocks":
+        from compress.quantize.sequential import progress_dir
+
+        shutil.rmtree(progress_dir(output), ignore_errors=True)  # the artifact is complete: its pieces are not needed
     return QuantizeResult(artifact=output, metrics=metrics)
+
+
+def _qconfig(spec, modules: list[str]) -> dict:
+    from compress.quantize.gptq_checkpoint import quantization_config
+
+    qconfig = quantization_config(
+        bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+        act_order=getattr(spec, "act_order", False), damp=getattr(spec, "damp", None),
+        static_groups=getattr(spec, "static_groups", False), modules=modules,
+    )
+    qconfig["true_sequential"] = getattr(spec, "true_sequential", False)
+    if isinstance(spec, GPTQSpec):
+        qconfig["meta"].update(scale_search=spec.scale_search, forward_dtype=spec.forward_dtype)
+    qconfig["meta"]["method"] = spec.method
+    return qconfig
+
+
+def _write_head(tmp: Path, spec, head, qconfig: dict, extra: dict) -> None:
+    if head is None:
+        return
+    from compress.quantize.head_codes import HEAD_CODES_FILE, write_head_codes
+
+    result, report = head
+    write_head_codes(tmp, report.name, result, group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order)
+    extra["lm_head_codes"] = {"file": HEAD_CODES_FILE, "bits": 4, "group_size": spec.head_codes.group_size, "act_order": spec.head_codes.act_order, **asdict(report)}
 
 
 def head_codes_plan(model, spec) -> tuple[bool, str | None]:
@@ -278,22 +346,28 @@ def head_codes_plan(model, spec) -> tuple[bool, str | None]:
     return True, None
 
 
-def _head_codes(model, spec: GPTQSpec, calib, final):
+def _head_codes(model, spec: GPTQSpec, calib, final, template=None):
     """GPTQ of the LM head on what it reads through the quantized blocks: (QuantResult, LayerReport)."""
-    from compress.quantize.calibrate import head_inputs, quantize_head
+    from compress.quantize.calibrate import head_inputs, quantize_head_packed
 
-    inputs = head_inputs(model, calib, spec.batch_size, final)
+    inputs = head_inputs(model, calib, spec.batch_size, final, template)
     final.clear()
     grid = QuantGrid(bits=4, sym=spec.sym)
-    return quantize_head(model, inputs, grid, group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order, damp=spec.damp, block_size=spec.block_size, scale_search=spec.scale_search)
+    from compress.quantize.gptq_checkpoint import checkpoint_format
+
+    return quantize_head_packed(model, inputs, grid, v2=checkpoint_format(spec.sym) == "gptq_v2", group_size=spec.head_codes.group_size, act_order=spec.head_codes.act_order, damp=spec.damp, block_size=spec.block_size, scale_search=spec.scale_search)
 
 
-def _quantize_int(model, spec, calib, progress: bool, final_hidden=None):
+def _progress_bar(model, spec, progress: bool):
     from tqdm.auto import tqdm
 
+    return tqdm(total=len(get_blocks(model)), desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress, dynamic_ncols=True)
+
+
+def _quantize_int(model, spec, calib, bar, **driver):
+    """`calibrate.quantize_blocks` with the recipe's settings, reporting each finished block on `bar`;
+    `driver`: final_hidden, and the block-at-a-time hooks (compress.quantize.sequential)."""
     grid = QuantGrid(bits=spec.bits, sym=spec.sym)
-    n_blocks = len(get_blocks(model))
-    bar = tqdm(total=n_blocks, desc=f"{spec.method} {spec.bits}-bit", unit="layer", disable=not progress, dynamic_ncols=True)
 
     def on_layer(i, total, reports):
         errors = [r.output_error if r.output_error is not None else r.weight_error for r in reports]
@@ -303,10 +377,9 @@ def _quantize_int(model, spec, calib, progress: bool, final_hidden=None):
     kwargs = {}
     if calib is not None:
         kwargs = dict(damp=spec.damp, act_order=spec.act_order, block_size=spec.block_size, static_groups=spec.static_groups, true_sequential=spec.true_sequential, scale_search=spec.scale_search, forward_dtype=spec.forward_dtype, batch_size=spec.batch_size, min_tokens=None if spec.min_expert_tokens == "auto" else spec.min_expert_tokens)
-    try:
-        return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, final_hidden=final_hidden, **kwargs)
-    finally:
-        bar.close()
+    if driver.get("start"):
+        bar.update(driver["start"])
+    return quantize_blocks(model, calib, grid, method=spec.method, group_size=spec.group_size, skip=tuple(spec.skip), on_layer=on_layer, **driver, **kwargs)
 
 
 def describe(result: QuantizeResult) -> str:
