@@ -233,12 +233,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     report = report_header(args, ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "calib_samples", "calib_seq_len", "eval_tokens", "repeats", "threads"))
+    # The report is written after each part, so a later part that fails keeps what the earlier one measured.
     if not args.skip_teacher:
         report["teacher"] = teacher(args)
+        report["load_average_end"] = list(os.getloadavg())
+        write_report(report, args.out, render)
     if not args.skip_synthetic:
         report["synthetic"] = synthetic(args)
-    report["load_average_end"] = list(os.getloadavg())
-    write_report(report, args.out, render)
+        report["load_average_end"] = list(os.getloadavg())
+        write_report(report, args.out, render)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Text in, packed token blocks out: read .txt/.jsonl(.gz)/folders/HF datasets, tokenize once, cache.
 
 `load_blocks(spec, tokenizer)` returns train and eval blocks of `seq_len` tokens; the cache key is
-the content hash of the source, the tokenizer's vocabulary and the packing settings.
+the content hash of the source, the tokenizer's vocabulary and the packing settings. Documents are tokenized
+as they stream past and their blocks written to a memory-mapped file, so no corpus is ever held whole.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from compress.artifacts import hash_path
 from compress.corpus import builtin_path
@@ -114,33 +115,63 @@ def bos_prefix(tokenizer) -> list[int]:
     return [int(bos)] if with_special[:1] == [bos] and plain[:1] != [bos] else []
 
 
-def pack(texts: Iterator[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenize documents, join them with EOS, cut into (n, seq_len) blocks; the tail is dropped.
+TOKEN_CHUNK = 1 << 20  # tokens held in memory between writes when packing a corpus to disk
 
-    For a tokenizer that adds BOS (`bos_prefix`), every block is BOS + the next seq_len - 1 tokens of the
-    stream, so training, calibration and evaluation windows all start the way the model was trained."""
+
+def _packed_rows(texts: Iterator[str], tokenizer, seq_len: int, max_tokens: int | None) -> Iterator[np.ndarray]:
+    """The blocks of `pack`, a few at a time: at most about TOKEN_CHUNK tokens are held in memory, so a corpus of
+    any size streams to disk (never whole in Python lists)."""
     eos = tokenizer.eos_token_id
     prefix = bos_prefix(tokenizer)
     if len(prefix) >= seq_len:
         raise DataSourceError(f"seq_len={seq_len} leaves no room after the BOS token")
     body = seq_len - len(prefix)
-    ids: list[int] = []
-    limit = None if max_tokens is None else max_tokens + seq_len
+    cap = None if max_tokens is None else max(max_tokens // seq_len, 1)
+    parts: list[np.ndarray] = []
+    pending = rows = 0
+    flush = max(body, TOKEN_CHUNK)
+
+    def emit(final: bool):
+        nonlocal parts, pending, rows
+        stream = np.concatenate(parts) if len(parts) != 1 else parts[0]
+        k = len(stream) // body if cap is None else min(len(stream) // body, cap - rows)
+        out = stream[: k * body].reshape(k, body)
+        if prefix:
+            out = np.concatenate([np.full((k, len(prefix)), prefix, dtype=np.int64), out], axis=1)
+        rest = stream[k * body:]
+        parts, pending, rows = ([rest] if len(rest) and not final else []), len(rest), rows + k
+        return out
+
     for text in texts:
         if not text.strip():
             continue
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if eos is not None:
             ids.append(eos)
-        if limit is not None and len(ids) >= limit:
-            break
-    n = len(ids) // body
-    if max_tokens is not None:
-        n = min(n, max(max_tokens // seq_len, 1))
-    blocks = torch.tensor(ids[: n * body], dtype=torch.int64).view(n, body)
-    if prefix:
-        blocks = torch.cat([torch.tensor(prefix, dtype=torch.int64).expand(n, -1), blocks], dim=1)
-    return blocks
+        parts.append(np.asarray(ids, dtype=np.int64))
+        pending += len(ids)
+        if pending >= flush:
+            out = emit(final=False)
+            if len(out):
+                yield out
+            if cap is not None and rows >= cap:
+                return
+    if parts:
+        out = emit(final=True)
+        if len(out):
+            yield out
+
+
+def pack(texts: Iterator[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenize documents, join them with EOS, cut into (n, seq_len) blocks; the tail is dropped.
+
+    For a tokenizer that adds BOS (`bos_prefix`), every block is BOS + the next seq_len - 1 tokens of the
+    stream, so training, calibration and evaluation windows all start the way the model was trained.
+    In memory; `packed_blocks` streams the same blocks to a memory-mapped file instead."""
+    chunks = list(_packed_rows(texts, tokenizer, seq_len, max_tokens))
+    if not chunks:
+        return torch.empty(0, seq_len, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(chunks))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -151,23 +182,54 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def packed_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_tokens: int | None, cache_dir: Path | None) -> torch.Tensor:
-    """Blocks for one source, from the cache when the same source was packed the same way before."""
+    """Blocks for one source, from the cache when the same source was packed the same way before.
+
+    The cache is content-addressed: `<key>.tokens` holds the (n, seq_len) int64 blocks, streamed to disk while
+    tokenizing, and `<key>.json` their shape, written last. The blocks come back memory-mapped, so a corpus
+    occupies the page cache, not the process: only the rows a batch indexes are read."""
     path = resolve_data_path(source)
     key = hashlib.sha256(
         json.dumps([hash_path(path), tokenizer_fingerprint(tokenizer), seq_len, text_field, max_tokens]).encode()
     ).hexdigest()[:24]
-    cache = (cache_dir or cache_root() / "data") / f"{key}.safetensors"
-    if cache.is_file():
-        return load_file(cache)["blocks"]
-    blocks = pack(read_texts(path, text_field), tokenizer, seq_len, max_tokens)
-    if len(blocks) == 0:
-        raise DataSourceError(f"{source}: fewer than seq_len={seq_len} tokens of text")
+    cache = (cache_dir or cache_root() / "data") / f"{key}.tokens"
+    blocks = _mapped_blocks(cache)
+    if blocks is not None:
+        return blocks
     cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".safetensors", dir=cache.parent)
-    os.close(fd)
-    save_file({"blocks": blocks}, tmp, metadata={"source": str(path), "seq_len": str(seq_len)})
-    os.replace(tmp, cache)
-    return blocks
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".tokens", dir=cache.parent)
+    rows = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in _packed_rows(read_texts(path, text_field), tokenizer, seq_len, max_tokens):
+                fh.write(chunk.tobytes())
+                rows += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if rows == 0:
+            raise DataSourceError(f"{source}: fewer than seq_len={seq_len} tokens of text")
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"rows": rows, "seq_len": seq_len, "dtype": "int64", "source": str(path)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=cache.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(meta, fh)
+    os.replace(tmp, cache.with_suffix(".json"))
+    return _mapped_blocks(cache)
+
+
+def _mapped_blocks(cache: Path) -> torch.Tensor | None:
+    """The cached blocks, memory-mapped; None when the cache is absent or incomplete (its shape record missing, or
+    a file whose size does not match it)."""
+    try:
+        meta = json.loads(cache.with_suffix(".json").read_text())
+        rows, width = int(meta["rows"]), int(meta["seq_len"])
+        if meta.get("dtype") != "int64" or rows <= 0 or cache.stat().st_size != rows * width * 8:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return torch.from_file(str(cache), shared=False, size=rows * width, dtype=torch.int64).view(rows, width)
 
 
 def load_blocks(spec, tokenizer) -> Blocks:

@@ -89,9 +89,32 @@ def test_every_window_starts_with_bos_for_a_tokenizer_that_adds_one(tok, bos_tok
 
 def test_blocks_are_cached(tmp_path, tok, monkeypatch, text_files):
     first = packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path)
-    monkeypatch.setattr(data_mod, "pack", lambda *a, **k: pytest.fail("re-tokenized despite the cache"))
-    again = packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path)
+    assert torch.equal(first, pack(read_texts(text_files["train"]), tok, seq_len=16))
+    with monkeypatch.context() as m:
+        m.setattr(data_mod, "_packed_rows", lambda *a, **k: pytest.fail("re-tokenized despite the cache"))
+        again = packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path)
     assert torch.equal(first, again)
+    # A cache whose blocks file was cut short (a kill, a full disk) is rebuilt, never read as a shorter corpus.
+    first, again = first.clone(), None  # both map the file cut below
+    (tokens,) = tmp_path.glob("*.tokens")
+    with tokens.open("r+b") as fh:
+        fh.truncate(tokens.stat().st_size - 8)
+    assert torch.equal(packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=None, cache_dir=tmp_path), first)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a staging file was left behind"
+
+
+def test_corpus_streams_to_disk_in_bounded_pieces(tmp_path, tok, monkeypatch, text_files):
+    """Packing holds about TOKEN_CHUNK tokens at a time and gives exactly the blocks of packing in one piece,
+    with and without a token cap and a BOS prefix."""
+    whole = {cap: pack(read_texts(text_files["train"]), tok, seq_len=16, max_tokens=cap) for cap in (None, 200)}
+    monkeypatch.setattr(data_mod, "TOKEN_CHUNK", 40)
+    chunks = list(data_mod._packed_rows(read_texts(text_files["train"]), tok, 16, None))
+    longest = max(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in read_texts(text_files["train"]))
+    assert len(chunks) > 3 and max(len(c) for c in chunks) * 16 <= 40 + longest + 16, "a chunk held more than TOKEN_CHUNK tokens and one document"
+    for cap, expected in whole.items():
+        streamed = packed_blocks(str(text_files["train"]), tok, seq_len=16, text_field="text", max_tokens=cap, cache_dir=tmp_path)
+        assert torch.equal(streamed, expected), cap
+    assert len(whole[200]) == 200 // 16
 
 
 def test_too_little_text(tmp_path, tok):
