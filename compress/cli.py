@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_recipe_args(run)
+    plan = sub.add_parser(
+        "plan",
+        help="the memory each stage of a recipe needs on its device, from the configs alone",
+        description="Print the memory plan of the recipe's distill and quantize stages per device (teacher, student, "
+        "gradients, optimizer states, activations; one block at a time for quantize), computed from the teacher's config "
+        "without loading weights or needing the devices, and exit 2 when a plan does not fit the memory its device has "
+        "free here. `compress run --dry-run` and `compress distill --dry-run` print the same plans; `compress distill` "
+        "refuses a plan that cannot fit its CUDA device before any model loads.",
+        epilog="example:\n  compress plan recipes/gpu-llama-8b.yaml --set teacher.model=/path/to/Llama-3.1-8B",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("recipe", help="recipe YAML file")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    plan.add_argument("--processes", type=int, default=None, help="distillation processes (DDP under accelerate launch); default: WORLD_SIZE or 1")
     run.add_argument("--resume", action="store_true", help="continue an existing run folder, skipping finished stages whose inputs are unchanged")
     run.add_argument("--overwrite", action="store_true", help="start over, replacing every stage's artifact (only folders compress wrote)")
     run.add_argument("--overwrite-any", action="store_true", help="like --overwrite, and also replace stage folders compress did not write (never an input)")
@@ -204,7 +218,7 @@ def _distill(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(dump_recipe(recipe), end="")
-        return 0
+        return _print_plans(recipe, stages=("distill",))
     result = run_distill(recipe, resume=args.resume, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress, recipe_file=args.recipe)
     ev = result.metrics["eval"]
     print(
@@ -216,6 +230,23 @@ def _distill(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    return _print_plans(recipe, stages=("distill", "quantize"), processes=args.processes)
+
+
+def _print_plans(recipe, stages: tuple[str, ...], processes: int | None = None) -> int:
+    """The memory plan of each stage, per device, from the configs alone; one that cannot fit is refused."""
+    from compress.plans import check_plans, recipe_plans
+
+    plans = [p for p in recipe_plans(recipe, processes=processes) if p.stage in stages]
+    print("# memory plan (estimated from the configs; no weights loaded):")
+    for plan in plans:
+        print("#   " + plan.describe().replace("\n", "\n#"))
+    check_plans(plans)
+    return 0
+
+
 def _run(args) -> int:
     from compress.pipeline import check_chain, run_recipe, stage_outputs
 
@@ -224,7 +255,7 @@ def _run(args) -> int:
         check_chain(recipe, resume=True, overwrite_any=args.overwrite_any, source=args.recipe or "the recipe")
         print(dump_recipe(recipe), end="")
         print("# stages: " + ", ".join(f"{stage} -> {path}" for stage, path in stage_outputs(recipe).items()))
-        return 0
+        return _print_plans(recipe, stages=("distill", "quantize"))
     result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, overwrite_any=args.overwrite_any, progress=not args.no_progress, recipe_file=args.recipe)
     if result.report:
         print()
@@ -284,9 +315,10 @@ INTERRUPTED = {
     "prune": "nothing was written; rerun the same command to start again",
     "quantize": "the output appears only when complete; rerun with --resume to continue from the last finished block (block-at-a-time quantization), or the same command to start again",
     "export": "nothing was written (the output appears only when complete); rerun the same command to start again",
+    "plan": "nothing was written",
 }
 
-COMMANDS = {"distill": _distill, "prune": _prune, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run}
+COMMANDS = {"distill": _distill, "prune": _prune, "quantize": _quantize, "export": _export, "bench": _bench, "run": _run, "plan": _plan}
 
 
 def _group_size(text: str) -> int | str:

@@ -281,6 +281,10 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     device = accelerator.device
 
     check_student(recipe)
+    if device.type == "cuda":  # refused before any model loads; on CPU the plan is only printed by --dry-run
+        from compress.plans import check_plans, distill_plan
+
+        check_plans([distill_plan(recipe, processes=world)])
     t = recipe.teacher
     tokenizer = models.load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
     cache_facts = None

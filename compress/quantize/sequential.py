@@ -53,21 +53,35 @@ class Onloader:
     (memory-mapped: only the tensors asked for are read). Buffers (rotary tables) are built for real, as small."""
 
     def __init__(self, source: str, *, device: torch.device):
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
 
         self.source, self.device = source, device
         config = models.load_config(source)
         self.tensors = models.checkpoint_tensors(source, config, dtype="float32")
         if self.tensors is None:
             raise SequentialError(f"{source}: its safetensors names are converted on load (fused or split tensors), so its blocks cannot be read one at a time; set quantize.load: whole")
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        self.model.eval()
+        self._structure(config)
         try:
             self.model.generation_config = GenerationConfig.from_pretrained(models.resolve_source(source))
         except OSError:
             pass  # no generation_config.json: keep the one derived from the config
+
+    @classmethod
+    def skeleton(cls, config, *, device: torch.device) -> "Onloader":
+        """The structure alone, from a config (memory plans): it has no tensors to onload."""
+        self = cls.__new__(cls)
+        self.source, self.device, self.tensors = None, device, {}
+        self._structure(config, check=False)
+        return self
+
+    def _structure(self, config, check: bool = True) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        source = self.source
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.model.eval()
         self.prefix = layer_layout(config).blocks
         names = [n for n, _ in self.model.named_parameters()]
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -76,7 +90,7 @@ class Onloader:
         self.embedding_name = next(n for n, m in self.model.named_modules() if m is embedding) + ".weight"
         if self.tied:  # the head is the embedding: read once, tied after onloading
             names.remove(self.head_name) if self.head_name in names else None
-        absent = [n for n in names if n not in self.tensors]
+        absent = [n for n in names if n not in self.tensors] if check else []
         if absent:
             raise SequentialError(f"{source}: the checkpoint has no tensor {absent[0]} ({len(absent)} of the model's tensors are missing); re-create or re-download the model")
         # Persistent buffers the checkpoint stores are read from it, as from_pretrained does.
