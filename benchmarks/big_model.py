@@ -226,7 +226,7 @@ def render(report: dict) -> str:
     def ran(part: dict) -> list[str]:
         r = part["run"]
         return [f"Command: `{r['command']}`; git {r['git']}; {r['machine']['cpu']}, {r['machine']['threads']} threads; "
-                f"load average {r['load_average_start']} at start, {r['load_average_end']} at end.", ""]
+                f"load average {' '.join(f'{x:.2f}' for x in r['load_average_start'])} at start, {' '.join(f'{x:.2f}' for x in r['load_average_end'])} at end.", ""]
     s = report.get("synthetic")
     if s:
         m = s["model"]
