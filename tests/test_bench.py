@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import pytest
 import torch
 
+from compress.bench import quality, stage
 from compress.bench.report import pareto_front
 from compress.bench.stage import MEASUREMENTS_FILE, run_bench
-from compress.bench.subjects import BenchInputError, inspect_artifact, teacher_from_lineage
+from compress.bench.subjects import BenchInputError, TorchSubject, inspect_artifact, teacher_from_lineage
 from compress.data import packed_blocks
 from compress.errors import CompressError
 from compress.recipe import BenchSpec
@@ -255,3 +257,69 @@ def test_a_failing_measurement_names_the_artifact_and_keeps_the_others(tmp_path,
     with pytest.raises(SpeedMeasurementError, match="broken-weights"):
         run_bench(spec, [str(zoo["student"]), str(broken)], out, eval_default=str(text_files["eval"]), progress=False, log=lambda _: None)
     assert len(json.loads((out / MEASUREMENTS_FILE).read_text())) == 1  # the student's speed is kept for the rerun
+
+
+# ---- one model at a time -------------------------------------------------------------------------------------
+
+def _openers(zoo, labels):
+    return {label: (lambda label=label: TorchSubject(inspect_artifact(str(zoo[label]), label), torch.device("cpu"))) for label in labels}
+
+
+def test_logits_from_the_head_inputs_on_disk_equal_the_teachers(zoo, text_files, tmp_path):
+    windows = _windows(zoo, text_files)
+    teacher = TorchSubject(inspect_artifact(str(zoo["teacher"])), torch.device("cpu"))
+    record = quality.record_teacher(teacher, windows, 2, tmp_path)
+    assert record is not None and (tmp_path / quality.HEAD_INPUTS_FILE).stat().st_size == windows.numel() * 64 * 4
+    for b in range(len(windows) // 2):
+        assert torch.equal(record.logits(b), teacher.logits(windows[2 * b : 2 * b + 2]))
+
+
+def test_on_disk_and_resident_teacher_give_the_same_numbers(zoo, text_files, tmp_path):
+    windows = _windows(zoo, text_files)
+    open_teacher = _openers(zoo, ["teacher"])["teacher"]
+    labels = ["teacher", "student", "rtn4"]
+    on_disk = quality.measure_quality(_openers(zoo, labels), windows, open_teacher=open_teacher, teacher_label="teacher", scratch=tmp_path)
+    resident = quality.measure_quality(_openers(zoo, labels), windows, open_teacher=open_teacher, teacher_label="teacher", scratch=None)
+    assert on_disk == resident
+    assert on_disk["teacher"]["kl_per_token"] == 0 and on_disk["student"]["kl_per_token"] > 0
+
+
+class Rescaled(TorchSubject):
+    """A teacher whose logits are not its head's output (as a model that scales them would be)."""
+
+    def logits(self, ids):
+        return super().logits(ids) * 0.5
+
+
+def test_a_teacher_whose_logits_are_not_its_heads_stays_loaded_and_is_still_exact(zoo, text_files, tmp_path):
+    windows = _windows(zoo, text_files)
+    said = []
+    open_teacher = lambda: Rescaled(inspect_artifact(str(zoo["teacher"])), torch.device("cpu"))  # noqa: E731
+    assert quality.record_teacher(open_teacher(), windows, 2, tmp_path) is None
+    got = quality.measure_quality(_openers(zoo, ["student"]), windows, open_teacher=open_teacher, scratch=tmp_path, log=said.append)
+    expected = quality.measure_quality(_openers(zoo, ["student"]), windows, open_teacher=open_teacher, scratch=None)
+    assert got == expected and "stays loaded" in said[0]
+
+
+def test_bench_loads_one_model_at_a_time(zoo, text_files, tmp_path, monkeypatch):
+    alive: list[weakref.ref] = []
+    most = [0]
+    real = stage.open_subject
+
+    def tracked(info, **kwargs):
+        subject = real(info, **kwargs)
+        model = getattr(subject, "model", None) or getattr(subject, "lm", None)
+        alive.append(weakref.ref(model))
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        return subject
+
+    monkeypatch.setattr(stage, "open_subject", tracked)
+    spec = BenchSpec(**{**SPEC, "speed": False, "plots": False})
+    names = [str(zoo[k]) for k in ("teacher", "student", "rtn4", "onnx")]
+    report = run_bench(spec, names, tmp_path / "report", labels=["teacher", "student", "rtn4", "onnx"], teacher=str(zoo["teacher"]),
+                       eval_default=str(text_files["eval"]), cache_dir=zoo["cache"], progress=False, log=lambda _: None)
+    assert most[0] == 1, f"{most[0]} models were loaded at once"
+    assert len(alive) == 4  # the teacher once (its own row is its recorded logits), then student, rtn4, onnx
+    rows = {a["label"]: a["quality"] for a in report.results["artifacts"]}
+    assert rows["teacher"]["kl_per_token"] == 0 and rows["onnx"]["kl_per_token"] < 1e-6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.teacher-")], "the teacher's head inputs were left on disk"

@@ -59,3 +59,6 @@ def test_results_tables_are_generated_from_their_json():
     assert (results / "families_gptq.md").read_text() == families_gptq.render(json.loads((results / "families_gptq.json").read_text()))
     assert (results / "families_gptq_moe.md").read_text() == families_gptq.render(json.loads((results / "families_gptq_moe.json").read_text()))
     assert (results / "families_gptq_teacher.md").read_text() == families_gptq.render_compare(json.loads((results / "families_gptq_teacher.json").read_text()))
+    from benchmarks import big_model
+
+    assert (results / "big_model.md").read_text() == big_model.render(json.loads((results / "big_model.json").read_text()))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,12 +205,20 @@ def run_bench(
         pending = [i for i in infos if quality_keys[i.label] not in store]
         if pending:
             log(f"quality: {', '.join(i.label for i in pending)} on {windows.numel():,} tokens of {eval_source}" + (f", against {teacher_name}" if teacher_info else ""))
-            subjects = {i.label: open_subject(i, device=device, threads=spec.threads) for i in pending}
-            reference = subjects.get(teacher_label) or (open_subject(teacher_info, device=device, threads=spec.threads) if teacher_info else None)
-            bar = tqdm(total=(len(windows) + 1) // 2, desc="quality", unit="batch", disable=not progress, dynamic_ncols=True)
-            quality = measure_quality(subjects, windows, teacher=reference, teacher_label=teacher_label, on_batch=lambda b, n: bar.update(1))
+            # One model at a time (compress/bench/quality.py): the teacher's head inputs wait in a scratch folder
+            # beside the report, removed when the pass ends.
+            openers = {i.label: (lambda i=i: open_subject(i, device=device, threads=spec.threads)) for i in pending}
+            open_teacher = (lambda: open_subject(teacher_info, device=device, threads=spec.threads)) if teacher_info else None
+            bar = tqdm(total=None, desc="quality", unit="batch", disable=not progress, dynamic_ncols=True)
+
+            def on_batch(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.teacher-") as scratch:
+                quality = measure_quality(openers, windows, open_teacher=open_teacher, teacher_label=teacher_label, scratch=Path(scratch), on_batch=on_batch, log=log)
             bar.close()
-            del subjects, reference
             for label, value in quality.items():
                 save(quality_keys[label], value, label, "quality")
                 measured.append(f"quality:{label}")
