@@ -254,7 +254,7 @@ def render(report: dict) -> str:
                   "| parameters | bf16 size | peak RSS | peak RSS / bf16 size | wall | per block (median, min-max) | plan printed |", "|---|---|---|---|---|---|---|",
                   f"| {m['parameters'] / 1e9:.2f} B ({m['shape']}) | {gib(m['bf16_bytes'])} | {gib(s['peak_rss_bytes'])} | {100 * s['peak_rss_share_of_bf16']:.1f}% (target <= 25%) | {s['wall_s']:.0f} s | "
                   f"{s['block_seconds']['median']:.1f} s ({s['block_seconds']['min']:.1f}-{s['block_seconds']['max']:.1f}) | {s['plan']} |", "",
-                  f"Peak RSS: the process's {s.get('peak_rss_method', 'ru_maxrss')}" + (f" (its ru_maxrss, {gib(s['ru_maxrss_bytes'])}, includes the high-water mark of this script, which built the model, folded in at exec)" if s.get("ru_maxrss_bytes") else "") + ". "
+                  f"Peak RSS: the process's {s.get('peak_rss_method', 'ru_maxrss')}" + (f" (its ru_maxrss: {gib(s['ru_maxrss_bytes'])}; ru_maxrss also folds in this script's own high-water mark at exec, so it reads high in a run where this script has just built the model)" if s.get("ru_maxrss_bytes") else "") + ". "
                   f"Calibration {s['recipe']['quantize']['calib']['samples']} x {s['recipe']['quantize']['calib']['seq_len']} tokens, evaluation {s['recipe']['data']['max_eval_tokens']} tokens; "
                   f"size {gib(s['metrics']['size_before_bytes'])} -> {gib(s['metrics']['size_after_bytes'])}; ppl of the random model {s['metrics']['ppl_before']:.0f} -> {s['metrics']['ppl_after']:.0f}.", ""]
     t = report.get("teacher")
