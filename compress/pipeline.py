@@ -66,8 +66,13 @@ def stage_outputs(recipe: Recipe) -> dict[str, Path]:
 def check_chain(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, overwrite_any: bool = False, source: str = "the recipe") -> None:
     """Refuse, before any compute, a recipe whose stages cannot all finish or whose outputs may not be written."""
     problems = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        problems.append("compress run is single-process; distil on several GPUs with `accelerate launch -m compress.cli distill RECIPE`, then `compress run RECIPE --resume` skips the finished distillation")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        recipe_arg = source if source != "the recipe" else "RECIPE"
+        problems.append(
+            f"compress run is single-process, and this is a {world}-process launch. Run the two parts instead: "
+            f"`accelerate launch --num_processes {world} -m compress.cli distill {recipe_arg}` (distill.parallel: fsdp shards the student and the teacher over the processes), "
+            f"then `compress run {recipe_arg} --resume` (with the same --set overrides, if any), which finds the distillation finished and runs the stages after it in one process")
     q, e = recipe.quantize, recipe.export
     if q is not None and e is not None:
         if isinstance(q, BnbSpec):

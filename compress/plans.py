@@ -3,8 +3,10 @@
 `recipe_plans(recipe)` gives one `DevicePlan` per stage it can plan (distill, quantize): `--dry-run` prints them,
 and `check_plans` refuses one that does not fit the memory its device has free, with what to change.
 
-Distillation under DDP (`accelerate launch`) holds everything on every process; only the micro-batch is split.
-So a plan is per process, and more processes do not make the models fit. The numbers are estimates from shapes:
+Distillation under DDP (`accelerate launch`) holds everything on every process; only the micro-batch is split,
+so more processes do not make the models fit. Under FSDP2 (`distill.parallel: fsdp`) the student's weights,
+gradients and AdamW states and a live teacher's weights are split over the processes; each holds its shares, the
+teacher's head whole, and the blocks it has gathered to run. A plan is per process. The numbers are estimates from shapes:
 weights and optimizer states are exact counts, activations a per-token rule (below) that ignores allocator slack.
 """
 from __future__ import annotations
@@ -149,12 +151,18 @@ def distill_plan(recipe, *, processes: int | None = None) -> DevicePlan:
     tokens = per_process * recipe.data.seq_len
     a, b = ACTIVATION_PER_TOKEN
     offline = t.logits_cache.enabled
-    parts = [
-        ("teacher weights", 0 if offline else teacher_params * BYTES[t.dtype]),
-        ("student weights (fp32)", 4 * student.parameters),
-        ("gradients", 4 * student.parameters),
-        ("AdamW states", 8 * student.parameters),
-        ("DDP buckets", 4 * student.parameters if processes > 1 else 0),
+    sharded = processes > 1 and spec.parallel == "fsdp"
+    if sharded:
+        parts = _fsdp_parts(student, teacher_config, teacher_params, 0 if offline else BYTES[t.dtype], processes)
+    else:
+        parts = [
+            ("teacher weights", 0 if offline else teacher_params * BYTES[t.dtype]),
+            ("student weights (fp32)", 4 * student.parameters),
+            ("gradients", 4 * student.parameters),
+            ("AdamW states", 8 * student.parameters),
+            ("DDP buckets", 4 * student.parameters if processes > 1 else 0),
+        ]
+    parts += [
         ("activations", tokens * layers * (a * hidden + b * inner) * element),
         ("teacher forward", 0 if offline else tokens * (2 * t_hidden + 2 * t_inner) * element),
         ("loss chunk", 4 * min(spec.loss.chunk_size, tokens) * vocab * 4),
@@ -164,15 +172,51 @@ def distill_plan(recipe, *, processes: int | None = None) -> DevicePlan:
         parts.append(("teacher hidden states", tokens * pairs * t_hidden * 4))
     notes = [f"student: {student.parameters / 1e9:.2f} B parameters ({student.how}); teacher {teacher_params / 1e9:.2f} B in {t.dtype}"
              + (" (teacher.logits_cache: not in memory while training)" if offline else "")
-             + f"; micro-batch {per_process} x {recipe.data.seq_len} tokens per process, {'bf16 autocast' if bf16 else 'fp32'}"]
+             + f"; micro-batch {per_process} x {recipe.data.seq_len} tokens per process, {'bf16 autocast' if bf16 else 'fp32'}"
+             + (f"; FSDP2 over {processes} processes" if sharded else f"; DDP over {processes} processes" if processes > 1 else "")]
     changes = ["lower distill.batch_size (raise distill.grad_accum to keep the tokens per step)", "a shorter data.seq_len",
                "a smaller distill.loss.chunk_size"]
     if not offline:
         changes.append("teacher.logits_cache.enabled: true (the teacher runs once, before training, and is not held while the student trains)")
         if t.dtype == "float32":
             changes.append("teacher.dtype: bfloat16")
-    changes.append("a device with more memory (DDP processes each hold the models whole)")
+    if sharded:
+        changes.append("more processes (each holds 1/N of the student's training state and of the teacher)")
+    elif processes > 1:
+        changes.append(f"distill.parallel: fsdp (splits the student's weights, gradients and AdamW states and a live teacher over the {processes} processes)")
+    else:
+        changes.append("several processes with distill.parallel: fsdp (`accelerate launch --num_processes N -m compress.cli distill RECIPE`: each holds 1/N of the student's training state and of the teacher)")
+    changes.append("a device with more memory" + ("" if sharded else " (DDP processes each hold the models whole)"))
     return DevicePlan("distill", device, parts, _free(device), processes, notes, changes)
+
+
+def _root_and_block(config, parameters: int) -> tuple[int, int]:
+    """(the parameters outside the decoder blocks: embedding, head when untied, final norm; one block's)."""
+    layers, hidden, _ = _dims(config)
+    root = int(config.vocab_size) * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2) + hidden
+    return root, max(parameters - root, 0) // max(layers, 1)
+
+
+def _fsdp_parts(student: Student, teacher_config, teacher_params: int, teacher_bytes: int, processes: int) -> list[tuple[str, int]]:
+    """One FSDP2 process (compress.distill.sharding): 1/N of every sharded tensor; whole, the teacher's head (the loss
+    multiplies by it outside the teacher's forward) and what is gathered at once: the student's root group (embedding,
+    head, norm: unsharded through its forward and backward) with its gradients, and two blocks of each model (the one
+    running and the one prefetched). Gradients are reduce-scattered after every micro-batch, so they stay sharded."""
+    n = processes
+    s_root, s_block = _root_and_block(student.config, student.parameters)
+    t_root, t_block = _root_and_block(teacher_config, teacher_params)
+    t_head = int(teacher_config.vocab_size) * int(teacher_config.hidden_size)
+    # A tied head is the embedding, sharded, and the head kept whole besides; an untied one is in no group.
+    t_sharded = teacher_params if getattr(teacher_config, "tie_word_embeddings", False) else teacher_params - t_head
+    return [
+        ("teacher weights (1/N)", -(-t_sharded * teacher_bytes // n)),
+        ("teacher head (whole)", t_head * teacher_bytes),
+        ("teacher blocks gathered", 2 * t_block * teacher_bytes),
+        ("student weights (fp32, 1/N)", -(-4 * student.parameters // n)),
+        ("gradients (1/N)", -(-4 * student.parameters // n)),
+        ("AdamW states (1/N)", -(-8 * student.parameters // n)),
+        ("student gathered (root + 2 blocks, with gradients)", 8 * (s_root + 2 * s_block)),
+    ]
 
 
 def quantize_plan(recipe, source_config) -> DevicePlan | None:

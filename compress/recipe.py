@@ -158,6 +158,10 @@ class DistillSpec(Spec):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's default).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How the processes of a multi-process launch (`accelerate launch`, torchrun) share the work. `ddp`: each holds the student, its gradients and AdamW states, and a live teacher, whole; only the micro-batch is split. `fsdp`: FSDP2 (`fully_shard`, one group per decoder block): the student's weights, gradients and optimizer states and the live teacher's weights are split over the processes, which all-gather one block at a time; checkpoints are distributed (torch.distributed.checkpoint: each process writes its shards) and resume exactly, with any process count. The same training either way (tests/test_distributed.py); one process ignores it.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DistillSpec":

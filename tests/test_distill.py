@@ -188,9 +188,10 @@ def test_existing_student_model_and_hidden_loss(tmp_path, teachers, text_files, 
     batches = []  # the training batches, in order (grad_accum 1: one per step)
     real_forward = DistillObjective.forward
 
-    def spy(self, input_ids, teacher):
-        batches.append(input_ids.detach().clone())
-        return real_forward(self, input_ids, teacher)
+    def spy(self, input_ids, teacher=None, *, eval_hidden=None):
+        if eval_hidden is None:  # a training batch (evaluation runs through forward too)
+            batches.append(input_ids.detach().clone())
+        return real_forward(self, input_ids, teacher, eval_hidden=eval_hidden)
 
     monkeypatch.setattr(DistillObjective, "forward", spy)
     result = run_distill(validate_recipe(recipe_data), progress=False)

@@ -50,6 +50,18 @@ def test_8b_teacher_and_minitron_width_student_are_counted_exactly(tmp_path, tex
     # DDP holds everything again on every process, plus its gradient buckets; only the micro-batch shrinks.
     two = dict(plans.distill_plan(recipe, processes=2).parts)
     assert two["DDP buckets"] == 4 * student and two["activations"] == parts["activations"] // 2
+    # FSDP2 over 8 processes: 1/8 of the student's training state and of the teacher's embedding and blocks each;
+    # whole, the teacher's (untied) head, two teacher blocks gathered, and the student's root group (embedding, head,
+    # norm) and two blocks gathered with their gradients.
+    fsdp = validate_recipe({**recipe.model_dump(mode="json"), "distill": {**recipe.distill.model_dump(mode="json"), "parallel": "fsdp", "batch_size": 16}})
+    eight = dict(plans.distill_plan(fsdp, processes=8).parts)
+    head, t_block = 128256 * 4096, 218_112_000  # Llama-3.1-8B: q, o 4096^2; k, v 4096 x 1024; 3 x 4096 x 14336; 2 norms
+    assert 2 * head + 32 * t_block + 4096 == 8_030_261_248
+    assert eight["teacher weights (1/N)"] == (8_030_261_248 - head) * 2 // 8 and eight["teacher head (whole)"] == head * 2
+    assert eight["teacher blocks gathered"] == 2 * t_block * 2
+    assert eight["student weights (fp32, 1/N)"] == 4 * student // 8 and eight["AdamW states (1/N)"] == 8 * student // 8
+    assert eight["student gathered (root + 2 blocks, with gradients)"] == 8 * (2 * 128256 * 3072 + 3072 + 2 * 116_398_080)
+    assert "DDP buckets" not in eight and eight["activations"] == parts["activations"]  # 16 sequences: 2 per process, as in one
     # With the teacher's outputs cached, the teacher is not in memory while the student trains.
     cached = validate_recipe({**recipe.model_dump(mode="json"), "teacher": {"model": str(folder), "dtype": "bfloat16", "logits_cache": {"enabled": True}}})
     assert dict(plans.distill_plan(cached, processes=1).parts)["teacher weights"] == 0
@@ -81,6 +93,14 @@ def test_a_plan_that_does_not_fit_is_refused_with_what_to_change(tmp_path, teach
     with pytest.raises(plans.PlanError, match=r"does not fit; change one of: lower distill.batch_size.*teacher.logits_cache.enabled: true"):
         plans.check_plans([dataclasses.replace(plan, available=plan.peak - 1)])
     plans.check_plans([dataclasses.replace(plan, available=None)])  # a device not visible here is not judged
+    # Several DDP processes: sharding is what to change; sharded already: more processes.
+    ddp = plans.distill_plan(_recipe(teachers["llama"], text_files, tmp_path, distill={"steps": 2, "warmup_steps": 0, "batch_size": 2, "device": "cpu"}), processes=2)
+    with pytest.raises(plans.PlanError, match=r"distill.parallel: fsdp \(splits the student's weights, gradients and AdamW states and a live teacher over the 2 processes\)"):
+        plans.check_plans([dataclasses.replace(ddp, available=1)])
+    fsdp = plans.distill_plan(_recipe(teachers["llama"], text_files, tmp_path, distill={"steps": 2, "warmup_steps": 0, "batch_size": 2, "device": "cpu", "parallel": "fsdp"}), processes=2)
+    assert fsdp.peak < ddp.peak
+    with pytest.raises(plans.PlanError, match=r"more processes \(each holds 1/N"):
+        plans.check_plans([dataclasses.replace(fsdp, available=1)])
 
 
 def test_plan_command_prints_every_stage_and_refuses_what_cannot_fit(tmp_path, teachers, text_files, capsys):

@@ -43,8 +43,11 @@ def test_chain_conflicts_are_refused_before_compute(tmp_path, teachers, text_fil
 
 def test_multi_process_launch_is_refused(tmp_path, teachers, text_files, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RunPlanError, match="single-process"):
-        check_chain(validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files)))
+    with pytest.raises(RunPlanError, match="single-process") as err:
+        check_chain(validate_recipe(full_recipe(tmp_path, teachers["llama"], text_files)), source="recipes/mine.yaml")
+    # The exact two commands, with this launch's process count and the recipe's path.
+    assert "`accelerate launch --num_processes 2 -m compress.cli distill recipes/mine.yaml`" in str(err.value)
+    assert "`compress run recipes/mine.yaml --resume`" in str(err.value)
 
 
 def test_vocabulary_mismatch_and_existing_run_dir(tmp_path, teachers, text_files, tokenizer_dir):

@@ -1,5 +1,9 @@
 """Training checkpoints: model (safetensors), optimizer and scheduler state, RNG, step.
 
+Under FSDP2 (`distill.parallel: fsdp`) a checkpoint is distributed instead: `dcp/` holds every process's shards
+of the model and AdamW states (torch.distributed.checkpoint, written by all processes at once, readable with any
+process count), beside the scheduler state, the main process's RNG and state.json.
+
 Each checkpoint is written into a staging folder (compress.artifacts.staging_dir) and renamed when complete;
 the last `keep_last` are kept. Optimizer state is read back with `torch.load(weights_only=True)`.
 
@@ -24,6 +28,8 @@ _NAME = re.compile(r"^step-(\d{8})$")
 _STAGED = re.compile(r"^\.(step-\d{8})\.(tmp|old)-")
 CHECKPOINT = OutputKind("checkpoint", ("state.json",), replaced=True)
 FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json")  # state.json is written last
+SHARDED = "dcp"
+SHARDED_FILES = (f"{SHARDED}/.metadata", "scheduler.pt", "rng.safetensors", "state.json")
 
 
 class CheckpointError(CompressError, RuntimeError):
@@ -39,7 +45,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def incomplete(path: Path) -> str | None:
     """Why the checkpoint folder `path` is not a complete checkpoint (None when it is one)."""
-    missing = [name for name in FILES if not (path / name).is_file()]
+    missing = [name for name in (SHARDED_FILES if (path / SHARDED).is_dir() else FILES) if not (path / name).is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
     try:
@@ -100,9 +106,12 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, *, keep_last: int, rank: int = 0) -> Path:
-    """Call on every rank (each saves its RNG); rank 0 writes the rest. Returns the checkpoint folder."""
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, *, keep_last: int, rank: int = 0, sharded=None) -> Path:
+    """Call on every rank; rank 0 writes the checkpoint (under FSDP2, `sharded` = the sharded root module: every
+    rank writes its shards into rank 0's staging folder). Returns the checkpoint folder."""
     target = root / f"step-{step:08d}"
+    if sharded is not None:
+        return _save_sharded(target, step, sharded, optimizer, scheduler, state, keep_last=keep_last, rank=rank)
     if rank != 0:
         # Ranks > 0 only contribute their RNG stream; rank 0 renames the folder after a barrier.
         return target
@@ -112,6 +121,27 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
         save_file(_rng_state(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for old in checkpoint_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _save_sharded(target: Path, step: int, objective, optimizer, scheduler, state: dict, *, keep_last: int, rank: int) -> Path:
+    import torch.distributed as dist
+
+    from compress.distill import sharding
+
+    if rank != 0:
+        place = [None]
+        dist.broadcast_object_list(place, src=0)
+        sharding.save(Path(place[0]) / SHARDED, objective, optimizer)  # collective: returns once every shard is written
+        return target
+    with staging_dir(target, overwrite=True, kind=CHECKPOINT) as tmp:
+        dist.broadcast_object_list([str(tmp)], src=0)
+        sharding.save(tmp / SHARDED, objective, optimizer)
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "parallel": "fsdp", "processes": dist.get_world_size(), **state}, indent=2))
+    for old in checkpoint_dirs(target.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -131,8 +161,22 @@ def remove_checkpoints(root: Path) -> None:
         root.rmdir()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the saved state (with `step`)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, sharded=None) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns the saved state (with `step`). `sharded`: the FSDP2
+    root module of a `distill.parallel: fsdp` run (call on every rank)."""
+    if (path / SHARDED).is_dir() and sharded is None:
+        raise CheckpointError(f"checkpoint {path} is distributed (written with distill.parallel: fsdp by several processes); continue it "
+                              "under a multi-process launch with distill.parallel: fsdp, or pass --overwrite to start over")
+    if not (path / SHARDED).is_dir() and sharded is not None:
+        raise CheckpointError(f"checkpoint {path} holds the whole model (written by one process or with distill.parallel: ddp); continue it "
+                              "with distill.parallel: ddp, or pass --overwrite to start over")
+    if sharded is not None:
+        from compress.distill import sharding
+
+        sharding.load(path / SHARDED, sharded, optimizer)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)["scheduler"])
+        _set_rng_state(load_file(str(path / "rng.safetensors")))
+        return json.loads((path / "state.json").read_text())
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if unexpected or missing:
         raise CheckpointError(f"checkpoint {path} does not fit the student: missing {missing}, unexpected {unexpected}; use --overwrite to start over")

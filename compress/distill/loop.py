@@ -2,7 +2,8 @@
 
 An explicit loop (AdamW, warm-up + cosine, clipping, accumulation, checkpoints, resume, eval) on
 top of accelerate, which supplies device placement, bf16 autocast and DDP for multi-process runs
-(`accelerate launch` / `torchrun`). The teacher's outputs come from a TeacherSource: the live model, or
+(`accelerate launch` / `torchrun`); `distill.parallel: fsdp` shards the student and a live teacher over those
+processes instead (FSDP2, compress.distill.sharding). The teacher's outputs come from a TeacherSource: the live model, or
 a top-k logits cache (`teacher.logits_cache`) that the first such run builds.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from compress import models
 from compress.architectures import WeightLayoutError, student_from_config, student_from_state, student_from_teacher
 from compress.artifacts import FOLDER, ArtifactExistsError, ArtifactRecord, check_output, describe_input, device_info, hash_path, size_on_disk, write_artifact
 from compress.data import batch_indices, load_blocks, tokenizer_fingerprint
-from compress.distill import logits_cache
+from compress.distill import logits_cache, sharding
 from compress.distill.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint, prepare_resume, remove_checkpoints, save_checkpoint
 from compress.distill.losses import perplexity
 from compress.errors import CompressError
@@ -279,6 +280,11 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     if spec.batch_size % world:
         raise DistillError(f"distill.batch_size={spec.batch_size} is not divisible by the {world} processes")
     device = accelerator.device
+    sharded = spec.parallel == "fsdp" and world > 1
+    if sharded:
+        why = sharding.available()
+        if why is not None:
+            raise DistillError(f"distill.parallel is fsdp but {why}; use distill.parallel: ddp")
 
     check_student(recipe)
     if device.type == "cuda":  # refused before any model loads; on CPU the plan is only printed by --dry-run
@@ -309,10 +315,16 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     student = student.to(torch.float32)
     student.config.use_cache = False
 
+    # Taken before a live teacher is sharded: the loss multiplies by the head outside the teacher's forward.
     teacher_head = models.Head(*source.head, models.logit_softcap(config))  # the cache stores no config: the cap comes from the teacher's
     student.to(device).train()
     pairs = list(spec.hidden.pairs) or (default_hidden_pairs(made, student.config.num_hidden_layers) if spec.hidden.weight > 0 else [])
     objective = DistillObjective(student, teacher_head, spec.loss, spec.hidden.weight, pairs)
+    if sharded:
+        mesh = sharding.mesh(device)
+        if isinstance(source, LiveTeacher):
+            sharding.shard_teacher(source.model, mesh)
+        sharding.shard_student(objective, mesh)  # before the optimizer, which then holds the shards
     optimizer = make_optimizer(student, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.warmup_steps, spec.steps, spec.min_lr_ratio))
 
@@ -323,7 +335,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         if saved.get("recipe_hash") not in (None, _train_hash(recipe)):
             raise DistillError(f"{candidate} was written by a different recipe (model, data or training settings changed); use --overwrite")
         try:
-            state = load_checkpoint(candidate, student, optimizer, scheduler)
+            state = load_checkpoint(candidate, student, optimizer, scheduler, sharded=objective if sharded else None)
         except CheckpointError:
             raise
         except Exception as err:  # a file a crash or the disk left unreadable: the one before is complete
@@ -339,16 +351,20 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         if resume:
             log(f"resuming from step {step}: {last}" if last is not None else f"no complete checkpoint in {ckpt_root}: starting from step 0")
         truncate_log(log_path, step)  # the steps from here on are logged again
-    model = accelerator.prepare(objective)
+    model = objective if sharded else accelerator.prepare(objective)
 
-    # Each process evaluates its own share of the held-out blocks; the teacher's side is fixed, so compute it once.
+    # Each process evaluates its own share of the held-out blocks, padded (with block 0) to the length of the
+    # largest share so that every process runs the same forwards; the teacher's side is fixed: computed once.
     eval_index = torch.arange(len(blocks.eval))[rank::world]
+    eval_real, share = len(eval_index), -(-len(blocks.eval) // world)
+    eval_index = torch.cat([eval_index, eval_index.new_zeros(share - eval_real)])
     eval_ids = blocks.eval[eval_index]
     with accelerator.autocast():
         teacher_eval = source.eval_hidden(eval_index, eval_ids, batch_size=spec.batch_size)
+    evaluation = (objective, eval_ids, teacher_eval, eval_real)
     initial_eval = state.get("initial_eval") if last is not None else None
     if initial_eval is None:
-        initial_eval = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+        initial_eval = _eval_metrics(*evaluation, spec, accelerator)
     per_rank = spec.batch_size // world
     tokens_per_step = spec.batch_size * spec.grad_accum * blocks.seq_len
     from tqdm.auto import tqdm
@@ -357,7 +373,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     train_time, train_steps = 0.0, 0
     while step < spec.steps:
         t0 = time.perf_counter()
-        stats = _train_step(model, objective, source, blocks.train, step, spec, recipe.seed, rank, per_rank, device, accelerator, optimizer, scheduler)
+        stats = _train_step(model, objective, source, blocks.train, step, spec, recipe.seed, rank, per_rank, device, accelerator, optimizer, scheduler, sharded)
         step += 1
         train_time += time.perf_counter() - t0
         train_steps += 1
@@ -371,7 +387,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}")
         if step % spec.eval_every == 0 or step == spec.steps:
-            stats["eval"] = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+            stats["eval"] = _eval_metrics(*evaluation, spec, accelerator)
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in stats["eval"].items() if isinstance(v, float)))
         history.append(stats)
         if accelerator.is_main_process:
@@ -380,13 +396,14 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
                 fh.write(json.dumps(stats) + "\n")
         if step % spec.save_every == 0 and step < spec.steps:
             accelerator.wait_for_everyone()
-            save_checkpoint(ckpt_root, step, student, optimizer, scheduler, {"history": _brief(history), "initial_eval": initial_eval, "recipe_hash": _train_hash(recipe)}, keep_last=spec.keep_last, rank=rank)
+            save_checkpoint(ckpt_root, step, student, optimizer, scheduler, {"history": _brief(history), "initial_eval": initial_eval, "recipe_hash": _train_hash(recipe)},
+                            keep_last=spec.keep_last, rank=rank, sharded=objective if sharded else None)
             accelerator.wait_for_everyone()
     bar.close()
 
     final = next((h["eval"] for h in reversed(history) if "eval" in h), None)
     if final is None:
-        final = _eval_metrics(student, teacher_head, eval_ids, teacher_eval, spec, accelerator)
+        final = _eval_metrics(*evaluation, spec, accelerator)
     metrics = {
         "eval": final,
         "initial_eval": initial_eval,
@@ -403,6 +420,8 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     if cache_facts is not None:
         metrics["teacher_logits_cache"] = cache_facts
     artifact = run_dir / STUDENT_DIR
+    # The student to write: under FSDP gathered to the main process's CPU (every process takes part).
+    final_student = sharding.gathered_student(objective) if sharded else accelerator.unwrap_model(model).student
     if accelerator.is_main_process:
         record = ArtifactRecord(
             stage="distill",
@@ -419,9 +438,8 @@ def run_distill(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
             wall_time_s=time.perf_counter() - start_time,
             extra={"recipe_file": recipe_file},
         )
-        unwrapped = accelerator.unwrap_model(model).student
-        unwrapped.config.use_cache = True  # off only for training; a saved model generates with its KV cache
-        write_artifact(artifact, record, lambda d: models.save_model(unwrapped, tokenizer, d), inputs=distill_inputs(recipe)[1], overwrite=overwrite, overwrite_any=overwrite_any)
+        final_student.config.use_cache = True  # off only for training; a saved model generates with its KV cache
+        write_artifact(artifact, record, lambda d: models.save_model(final_student, tokenizer, d), inputs=distill_inputs(recipe)[1], overwrite=overwrite, overwrite_any=overwrite_any)
     accelerator.wait_for_everyone()
     return DistillResult(artifact=artifact, metrics=metrics, steps=step)
 
@@ -446,7 +464,7 @@ def _train_hash(recipe: Recipe) -> str:
     import hashlib
 
     keep = recipe.model_dump(mode="json", include={"teacher", "student", "data", "distill", "seed"})
-    for key in ("eval_every", "save_every", "keep_last", "num_threads"):
+    for key in ("eval_every", "save_every", "keep_last", "num_threads", "parallel"):  # parallel: the same training
         keep["distill"].pop(key, None)
     for key in ("dir", "shard_blocks"):  # where and how the cache is stored, not what it holds
         keep["teacher"]["logits_cache"].pop(key, None)
@@ -457,13 +475,15 @@ def _brief(history: list[dict]) -> list[dict]:
     return [h for h in history if "eval" in h] + history[-1:]
 
 
-def _train_step(model, objective, source: TeacherSource, train_ids, step, spec, seed, rank, per_rank, device, accelerator, optimizer, scheduler) -> dict:
+def _train_step(model, objective, source: TeacherSource, train_ids, step, spec, seed, rank, per_rank, device, accelerator, optimizer, scheduler, sharded: bool) -> dict:
     totals: dict[str, float] = {}
     for micro in range(spec.grad_accum):
         idx = batch_indices(len(train_ids), step, micro, spec.batch_size, spec.grad_accum, seed)[rank * per_rank : (rank + 1) * per_rank]
         ids = train_ids[idx].to(device)
         sync = micro == spec.grad_accum - 1
-        with accelerator.autocast(), (accelerator.no_sync(model) if not sync else contextlib.nullcontext()):
+        # FSDP2 reduce-scatters every micro-batch's gradients (kept unsynced, they would accumulate unsharded: the
+        # whole model's gradients on every process); DDP all-reduces only on the last.
+        with accelerator.autocast(), (accelerator.no_sync(model) if not (sync or sharded) else contextlib.nullcontext()):
             t_out = source.train_outputs(idx, ids, with_hidden_states=objective.hidden_weight > 0)
             out = model(ids, t_out)
             accelerator.backward(out["loss"] / spec.grad_accum)
@@ -474,7 +494,9 @@ def _train_step(model, objective, source: TeacherSource, train_ids, step, spec, 
         keys = sorted(totals)
         vec = accelerator.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device), reduction="mean")
         totals = dict(zip(keys, vec.tolist()))
-    if spec.max_grad_norm is not None:
+    if spec.max_grad_norm is not None and sharded:
+        totals["grad_norm"] = sharding.clip_grad_norm(objective.student.parameters(), spec.max_grad_norm)
+    elif spec.max_grad_norm is not None:
         totals["grad_norm"] = float(accelerator.clip_grad_norm_(objective.student.parameters(), spec.max_grad_norm))
     if math.isfinite(totals["loss"]):
         optimizer.step()
@@ -483,9 +505,9 @@ def _train_step(model, objective, source: TeacherSource, train_ids, step, spec, 
     return totals
 
 
-def _eval_metrics(student, teacher_head, eval_ids, teacher_hidden, spec, accelerator) -> dict:
+def _eval_metrics(objective, eval_ids, teacher_hidden, real: int, spec, accelerator) -> dict:
     with accelerator.autocast():
-        sums = evaluate(student, teacher_head, eval_ids, teacher_hidden, batch_size=spec.batch_size, chunk_size=spec.loss.chunk_size)
+        sums = evaluate(objective, eval_ids, teacher_hidden, batch_size=spec.batch_size, device=accelerator.device, real=real)
     vec = torch.tensor([sums.tokens, sums.student_nll, sums.teacher_nll, sums.kl, sums.top1_agree], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         vec = accelerator.reduce(vec, reduction="sum")

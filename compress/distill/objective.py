@@ -35,9 +35,14 @@ class DistillObjective(nn.Module):
         # Held outside the module's parameters: the teacher is not trained and not synchronised.
         self._teacher_head = teacher_head
 
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | TopKTargets) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | TopKTargets | None = None, *, eval_hidden: torch.Tensor | None = None):
         """`teacher`: a live teacher's hidden states (dense loss through its lm_head) or top-k targets
-        (b, T-1, k) from a logits cache (the sparse loss of compress.distill.sparse)."""
+        (b, T-1, k) from a logits cache (the sparse loss of compress.distill.sparse); returns the loss and its
+        terms. `eval_hidden` instead: the teacher's final hidden states (b, T, H_t) on held-out blocks; returns
+        their AgreementSums. Evaluation goes through forward too: under FSDP2 the student's head and embedding
+        are whole only inside it (compress.distill.sharding)."""
+        if eval_hidden is not None:
+            return self._agreement(input_ids, eval_hidden)
         spec = self.loss_spec
         need_states = self.hidden_weight > 0
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=need_states, use_cache=False)
@@ -66,23 +71,33 @@ class DistillObjective(nn.Module):
         return stats
 
 
+    def _agreement(self, ids: torch.Tensor, teacher_hidden: torch.Tensor) -> AgreementSums:
+        head = _head(self.student)
+        weight, bias = head
+        h = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        th = teacher_hidden.to(weight.device)[:, :-1]
+        return agreement_sums(
+            h.reshape(-1, h.shape[-1]), weight, bias, th.reshape(-1, th.shape[-1]), *self._teacher_head,
+            ids[:, 1:].reshape(-1), chunk_size=self.loss_spec.chunk_size, softcap=head.softcap,
+            teacher_softcap=getattr(self._teacher_head, "softcap", None),
+        )
+
+
 @torch.no_grad()
-def evaluate(student, teacher_head, eval_ids: torch.Tensor, teacher_hidden: torch.Tensor, *, batch_size: int, chunk_size: int) -> AgreementSums:
-    """Sums over held-out blocks; `teacher_hidden` (n, T, H_t) is computed once per run, not per evaluation."""
+def evaluate(objective: DistillObjective, eval_ids: torch.Tensor, teacher_hidden: torch.Tensor, *, batch_size: int, device, real: int | None = None) -> AgreementSums:
+    """Sums over held-out blocks; `teacher_hidden` (n, T, H_t) is computed once per run, not per evaluation.
+    `objective` is the module itself (sharded or not), never a DDP wrapper. Only the first `real` blocks count:
+    the rest pad this process's share to the length every process has, so that all make the same number of
+    forward calls (each one all-gathers a sharded model); a batch of padding alone is run and discarded."""
+    real = len(eval_ids) if real is None else real
+    student = objective.student
     was_training = student.training
     student.eval()
-    head = _head(student)
-    weight, bias = head
     total = AgreementSums(tokens=0, student_nll=0.0, teacher_nll=0.0, kl=0.0, top1_agree=0)
-    device = weight.device
     for start in range(0, len(eval_ids), batch_size):
-        ids = eval_ids[start : start + batch_size].to(device)
-        h = student.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        th = teacher_hidden[start : start + batch_size].to(device)[:, :-1]
-        total = total + agreement_sums(
-            h.reshape(-1, h.shape[-1]), weight, bias,
-            th.reshape(-1, th.shape[-1]), *teacher_head,
-            ids[:, 1:].reshape(-1), chunk_size=chunk_size, softcap=head.softcap, teacher_softcap=getattr(teacher_head, "softcap", None),
-        )
+        stop = min(start + batch_size, real) if start < real else start + batch_size
+        sums = objective(eval_ids[start:stop].to(device), eval_hidden=teacher_hidden[start:stop])
+        if start < real:
+            total = total + sums
     student.train(was_training)
     return total
