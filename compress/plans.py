@@ -222,7 +222,7 @@ def _fsdp_parts(student: Student, teacher_config, teacher_params: int, teacher_b
 def quantize_plan(recipe, source_config) -> DevicePlan | None:
     """Block-at-a-time GPTQ/RTN of a model of `source_config`: `quantize.sequential.memory_plan` on its meta skeleton."""
     from compress.quantize.calibrate import quantizable_linears
-    from compress.quantize.sequential import Onloader, memory_plan
+    from compress.quantize.sequential import Onloader, resolve_activations
 
     spec = recipe.quantize
     if spec is None or spec.method not in ("gptq", "rtn") or spec.load == "whole":
@@ -232,12 +232,15 @@ def quantize_plan(recipe, source_config) -> DevicePlan | None:
     calib = torch.empty((spec.calib.samples, spec.calib.seq_len), device="meta") if spec.method == "gptq" else None
     data = recipe.data
     eval_ids = torch.empty((max(data.max_eval_tokens // data.seq_len, 1), data.seq_len), device="meta") if data.max_eval_tokens else None
-    plan = memory_plan(onloader, quantizable_linears(onloader.model, tuple(spec.skip)), spec, calib, eval_ids, device=torch.device("cpu"))
+    plan = resolve_activations(onloader, quantizable_linears(onloader.model, tuple(spec.skip)), spec, calib, eval_ids, device=torch.device(device))
     parts = [("float block", plan.block), ("forward copy", plan.runner), ("Hessians", plan.hessians), ("GPTQ", plan.gptq), ("activations", plan.activations)]
     notes = [f"block at a time; the embedding/head ({_size(plan.rest)}) replace the block while they are onloaded"]
+    if plan.offloaded:
+        notes.append(f"quantize.activations: {plan.where}: {_size(plan.offloaded)} of states between blocks {'in host memory' if plan.where == 'cpu' else 'on disk'}, one batch at a time on the device")
     if plan.rest > plan.block + plan.runner + plan.hessians + plan.gptq:
         parts = [("embedding/head", plan.rest), ("activations", plan.activations)]
-    return DevicePlan("quantize", device, parts, _free(device), 1, notes, ["lower quantize.calib.samples or seq_len", "lower data.max_eval_tokens"])
+    return DevicePlan("quantize", device, parts, _free(device), 1, notes, (["quantize.activations: cpu or disk (the states between blocks off the device)"] if not plan.offloaded else [])
+                      + ["lower quantize.calib.samples or seq_len", "lower data.max_eval_tokens"])
 
 
 def recipe_plans(recipe, *, processes: int | None = None) -> list[DevicePlan]:

@@ -195,6 +195,10 @@ class _IntQuantSpec(_QuantBase):
         "auto",
         description="How the float model is held. `blocks`: never whole: built on the meta device, each block read from the memory-mapped safetensors when its turn comes, quantized, written and freed (peak about one block plus the activations; the plan is printed first), resumable per block with --resume; the same codes as `whole` (tests/test_sequential.py). `whole`: loaded whole (needed for checkpoints whose tensors are converted on load, such as fused mixture-of-experts stacks). auto = blocks where the checkpoint allows it, else whole.",
     )
+    activations: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto",
+        description="With `load: blocks`, where the states between blocks (calibration and evaluation hidden states) are kept. `device`: on the compute device. `cpu`: host memory, each batch copied to the device for its forward (on a CPU device the same as `device`). `disk`: raw files in the progress folder beside the output, each batch read back for its forward. Off the device, the device holds one batch of them at a time (with `true_sequential: true`, every batch's block input while that block is calibrated). The same codes either way (tests/test_sequential.py). auto = device when the memory plan fits the device, else cpu (CUDA, when the host has the memory), else disk.",
+    )
     group_size: int | Literal["auto"] = Field("auto", description="Input columns sharing one scale/zero; -1 = one group per output row; auto = the largest of 128/64/32/16 that divides every quantized layer's input width (the GPTQ kernels of GPTQModel, transformers and vLLM refuse groups that do not).")
     sym: StrictBool = Field(True, description="Symmetric grid (zero point fixed at the middle) instead of asymmetric.")
 

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -23,6 +24,36 @@ def write_piece(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+              torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_streamed(path: Path, tensors: dict[str, Callable[[], torch.Tensor]]) -> None:
+    """A safetensors file of the tensors the callables give, each called twice (once for its shape, once for its
+    bytes) and dropped before the next: memory stays at one tensor, whatever the file's size. Atomic as `write_piece`."""
+    entries, offset = {}, 0
+    for name, get in tensors.items():
+        t = get()
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        del t
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        for get in tensors.values():
+            t = get().detach().contiguous().cpu().reshape(-1)
+            if t.numel():
+                fh.write(t.view(torch.uint8).numpy().tobytes())
+            del t
+        fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 

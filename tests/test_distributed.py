@@ -123,3 +123,20 @@ def test_fsdp2_two_processes_train_the_same_model_as_one_and_resume_exactly(tmp_
         assert torch.equal(b[key], c[key]), key
     log = [json.loads(line) for line in (run2 / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices (FSDP2 over NCCL); the CPU test above covers gloo")
+def test_fsdp2_on_two_gpus_trains_the_same_model_as_one(tmp_path, teachers, text_files):
+    recipes = {}
+    for nproc in (1, 2):
+        recipe = tiny_recipe(tmp_path / f"run{nproc}", teachers["llama"], text_files, steps=4, batch_size=4, eval_every=4, save_every=2)
+        recipe["distill"].update(parallel="fsdp", device="cuda", precision="fp32")
+        recipes[nproc] = recipe
+    single = launch(tmp_path, recipes[1], 1)
+    ranks = launch(tmp_path, recipes[2], 2, accelerate=True)
+    assert ranks[0]["parameter_types"]["student"] == ["DTensor"]
+    assert ranks[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-3)
+    a = load_file(Path(recipes[1]["output_dir"]) / "student" / "model.safetensors")
+    b = load_file(Path(recipes[2]["output_dir"]) / "student" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)

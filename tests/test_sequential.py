@@ -36,10 +36,17 @@ def assert_same_artifact(a, b):
     {"true_sequential": True},
     {"true_sequential": False, "forward_dtype": "float32", "act_order": True, "sym": False},
     {"method": "rtn"},
-], ids=["gptq-trueseq-bf16", "gptq-paper-fp32-asym", "rtn"])
+    {"true_sequential": True, "activations": "disk"},
+    {"true_sequential": False, "forward_dtype": "float32", "activations": "disk"},
+    {"method": "rtn", "activations": "disk"},
+], ids=["gptq-trueseq-bf16", "gptq-paper-fp32-asym", "rtn", "gptq-trueseq-bf16-disk", "gptq-paper-fp32-disk", "rtn-disk"])
 def test_blocks_write_the_same_artifact_as_whole(tmp_path, wide_llama, text_files, settings):
-    whole = run_quantize(make_recipe(tmp_path, text_files, load="whole", **settings), str(wide_llama), tmp_path / "whole", progress=False)
-    blocks = run_quantize(make_recipe(tmp_path, text_files, load="blocks", **settings), str(wide_llama), tmp_path / "blocks", progress=False)
+    whole_settings = {k: v for k, v in settings.items() if k != "activations"}
+    whole = run_quantize(make_recipe(tmp_path, text_files, load="whole", **whole_settings), str(wide_llama), tmp_path / "whole", progress=False)
+    log = []
+    blocks = run_quantize(make_recipe(tmp_path, text_files, load="blocks", **settings), str(wide_llama), tmp_path / "blocks", progress=False, log=log.append)
+    # With activations on disk the states between blocks went through files: the same codes, bit for bit.
+    assert any("states between blocks on disk" in line for line in log) == (settings.get("activations") == "disk")
     assert_same_artifact(whole.artifact, blocks.artifact)
     rw, rb = read_record(whole.artifact), read_record(blocks.artifact)
     assert (rw["load"], rb["load"]) == ("whole", "blocks")
@@ -87,6 +94,52 @@ def test_killed_at_block_k_resumes_there_with_identical_codes(tmp_path, wide_lla
     assert_same_artifact(straight.artifact, resumed.artifact)
     assert read_record(straight.artifact)["layers"] == read_record(resumed.artifact)["layers"]
     assert read_record(resumed.artifact)["metrics"]["ppl_after"] == pytest.approx(read_record(straight.artifact)["metrics"]["ppl_after"], rel=1e-6)
+
+
+def test_states_on_disk_hold_one_batch_on_the_device_and_resume_across_settings(tmp_path, wide_llama, text_files, monkeypatch):
+    """`activations: disk`: each batch's state is a file while the block runs (read back for its forward, removed
+    once the next block has its own); a run killed at block 1 resumes with the states on the device, and `auto`
+    moves them to disk by itself when the device plan does not fit: the codes of one uninterrupted run every time."""
+    from compress.quantize import offload
+
+    straight = run_quantize(make_recipe(tmp_path, text_files, load="blocks", activations="device"), str(wide_llama), tmp_path / "straight", progress=False)
+    peak_on_device = read_record(straight.artifact)["memory_plan"]["peak"]
+
+    files_seen, reads = [], []
+    real_after, real_read = sequential.BlockWriter.after, offload._OnDisk.read
+
+    def dying_after(self, index, *args):
+        files_seen.append(sorted(p.name for p in (self.folder / "activations").iterdir()))
+        real_after(self, index, *args)
+        if index == 1:
+            raise Killed
+    monkeypatch.setattr(sequential.BlockWriter, "after", dying_after)
+    monkeypatch.setattr(offload._OnDisk, "read", lambda self: (reads.append(self.path.name), real_read(self))[1])
+    with pytest.raises(Killed):
+        run_quantize(make_recipe(tmp_path, text_files, load="blocks", activations="disk"), str(wide_llama), tmp_path / "q", progress=False)
+    assert files_seen[0] and len(reads) >= len(files_seen[0])  # the states were read back from their files
+    # No file outlives its use: a block's inputs go once the next block has its own, so the count stays flat.
+    assert len(files_seen[1]) == len(files_seen[0]) and files_seen[1] != files_seen[0]
+    monkeypatch.setattr(sequential.BlockWriter, "after", real_after)
+    resumed = run_quantize(make_recipe(tmp_path, text_files, load="blocks", activations="device"), str(wide_llama), tmp_path / "q", progress=False, resume=True)
+    assert_same_artifact(straight.artifact, resumed.artifact)
+
+    monkeypatch.setattr(sequential, "available_bytes", lambda device: peak_on_device - 1)
+    log = []
+    auto = run_quantize(make_recipe(tmp_path, text_files, load="blocks"), str(wide_llama), tmp_path / "auto", progress=False, log=log.append)
+    assert any("states between blocks on disk" in line for line in log)
+    assert read_record(auto.artifact)["memory_plan"]["where"] == "disk"
+    assert read_record(auto.artifact)["memory_plan"]["peak"] < peak_on_device
+    assert_same_artifact(straight.artifact, auto.artifact)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: on CPU, activations: cpu is the device itself")
+def test_states_in_host_memory_on_cuda_give_the_same_codes(tmp_path, wide_llama, text_files):
+    on_device = run_quantize(make_recipe(tmp_path, text_files, load="blocks", device="cuda", activations="device"), str(wide_llama), tmp_path / "device", progress=False)
+    log = []
+    on_host = run_quantize(make_recipe(tmp_path, text_files, load="blocks", device="cuda", activations="cpu"), str(wide_llama), tmp_path / "host", progress=False, log=log.append)
+    assert any("states between blocks in host memory" in line for line in log)
+    assert_same_artifact(on_device.artifact, on_host.artifact)
 
 
 def test_resume_with_other_settings_starts_again(tmp_path, wide_llama, text_files, monkeypatch):

@@ -19,6 +19,8 @@ from torch import nn
 from compress.architectures import get_blocks, layer_layout
 from compress.quantize.gptq import accumulate_hessian, gptq_shared
 from compress.quantize.grid import QuantGrid, QuantResult, rtn
+from compress.quantize.offload import DEVICE as DEVICE_STORE
+from compress.quantize.offload import ActivationStore, LazyStates
 from compress.quantize.suspended import SuspendedForwards, Workers
 
 
@@ -123,10 +125,11 @@ def _forwards_replaced(blocks, make: Callable[[int, nn.Module], Callable]):
 
 
 @torch.no_grad()
-def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) -> BlockInputs:
+def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int, keep: Callable[[torch.Tensor], object] | None = None) -> BlockInputs:
     """Block 0's hidden states and every block's own arguments for each calibration batch, from one pass of
     the model's forward in which each block is replaced by a pass-through that records its arguments (no
-    block computes; the head never runs)."""
+    block computes; the head never runs). `keep(hidden)` gives what `hidden[b]` holds (default: the tensor;
+    an offload store's handle: compress.quantize.offload)."""
     blocks = get_blocks(model)
     captured = BlockInputs(hidden=[], kwargs=[[] for _ in blocks])
     template: dict = {}  # the structure of a real block's output (a tensor in transformers 5, a tuple before)
@@ -135,7 +138,7 @@ def capture_calibration(model: nn.Module, calib: torch.Tensor, batch_size: int) 
         def record(*args, **kwargs):
             hidden, named = _named_arguments(block, args, kwargs)
             if index == 0:
-                captured.hidden.append(hidden)
+                captured.hidden.append(hidden if keep is None else keep(hidden))
             captured.kwargs[index].append(named)
             if "out" not in template:
                 template["out"] = forward(*args, **kwargs)
@@ -189,6 +192,7 @@ def quantize_blocks(
     start: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
     results: dict | None = None,
+    store: ActivationStore | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     """Quantize every selected Linear in place (weights replaced by their dequantized values) and
     return the per-module results that the checkpoint format packs.
@@ -208,7 +212,9 @@ def quantize_blocks(
     Block-at-a-time (`compress.quantize.sequential`): `hooks.before(i, block)` onloads block i before it is
     touched and `hooks.after(i, block, outputs, reports, results)` writes and frees it; `calibration` is a capture
     made beforehand; `start` / `start_hidden` continue an interrupted run at block `start` from its inputs;
-    `results` receives each finished layer (a mapping that packs on insert keeps a block's results small)."""
+    `results` receives each finished layer (a mapping that packs on insert keeps a block's results small);
+    `store` (compress.quantize.offload) holds the states between blocks, and `calibration.hidden` /
+    `start_hidden` are its handles: each batch is on the device only for its forwards."""
     if forward_dtype not in _FORWARD_DTYPES:
         raise ValueError(f"forward_dtype must be one of {list(_FORWARD_DTYPES)}, got {forward_dtype!r}")
     dtype = _FORWARD_DTYPES[forward_dtype]
@@ -219,15 +225,21 @@ def quantize_blocks(
     reports: list[LayerReport] = []
     blocks = get_blocks(model)
     prefix = layer_layout(model.config).blocks
+    store = DEVICE_STORE if store is None else store
     if calibration is not None:
         captured = calibration
     else:
-        captured = capture_calibration(model, calib, batch_size) if method == "gptq" else BlockInputs([], [])
-    hidden = [h.to(dtype) for h in (captured.hidden if start_hidden is None else start_hidden)]
+        captured = capture_calibration(model, calib, batch_size, keep=store.keep) if method == "gptq" else BlockInputs([], [])
+    hidden = []
+    for h in captured.hidden if start_hidden is None else start_hidden:
+        x = store.load(h)
+        hidden.append(h if x.dtype == dtype else store.keep(x.to(dtype)))
+    x = None  # not held on the device through the blocks
+    captured.hidden = []  # nor block 0's inputs as captured (in fp32 when the forwards run in bf16): `hidden` has them
     cast: dict = {}  # tensors the blocks share (one rotary table, one mask) are cast once
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     with Workers(len(hidden) if true_sequential else 0) as workers:  # threads kept for every block
-        run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results, min_tokens)
+        run = _BlockGPTQ(grid, options, dtype, true_sequential, workers, results, min_tokens, store=store)
         for i, block in enumerate(blocks):
             if i < start:  # finished by the run this one continues
                 if method == "gptq":
@@ -237,7 +249,7 @@ def quantize_blocks(
                 hooks.before(i, block)
             mine = {n: m for n, m in linears.items() if n.startswith(f"{prefix}.{i}.")}
             if method == "gptq":
-                states = [(h, _cast_floats(kw, dtype, cast)) for h, kw in captured.states(i, hidden)]
+                states = LazyStates(store, hidden, [_cast_floats(kw, dtype, cast) for kw in captured.kwargs[i]])
                 captured.kwargs[i] = []  # this block's own arguments are not needed again
                 hidden, block_reports = run(block, mine, f"{prefix}.{i}.", states)
             else:
@@ -254,7 +266,7 @@ def quantize_blocks(
             if on_layer is not None:
                 on_layer(i, len(blocks), block_reports)
     if final_hidden is not None and method == "gptq":
-        final_hidden.extend(hidden)
+        final_hidden.extend(store.load(h) for h in hidden)
     return results, reports
 
 
@@ -401,6 +413,7 @@ class _BlockGPTQ:
     results: dict[str, QuantResult]
     min_tokens: int | None = None  # below it (None: the input width) a group is rounded to nearest
     shape: list[list[str]] | None = None  # the Linear groups, by name inside a block
+    store: ActivationStore = DEVICE_STORE  # where the block's outputs are kept (compress.quantize.offload)
 
     def __call__(self, block: nn.Module, mine: dict[str, nn.Module], prefix: str, states) -> tuple[list[torch.Tensor], list[LayerReport]]:
         """Quantize the Linears `mine` (full name -> module) of `block` on its inputs `states`;
@@ -444,14 +457,14 @@ class _BlockGPTQ:
                     for x in forwards.advance(ours[group[0]]):
                         H, n = accumulate_hessian(H, n, x)  # (..., cols) -> (cols, cols)
                     quantize_group(group, H, n)
-                outputs = forwards.finish()
+                outputs = [self.store.keep(out) for out in forwards.finish()]
         else:
             # The paper's order: every group's Hessian from the float block (a forward that stops
             # once the last group has its input, skipping down_proj), then all groups quantized.
             hessians = _block_hessians(runner, ours, groups, states, stop=True)
             for group in groups:
                 quantize_group(group, *hessians[group[0]])
-            outputs = [_block_output(runner(h, **kw)) for h, kw in states]
+            outputs = [self.store.keep(_block_output(runner(h, **kw))) for h, kw in states]
         # The next block sees what this block produces *now that it is quantized*.
         return outputs, reports
 

@@ -9,7 +9,9 @@ run killed at block k continues there (`--resume`) with bit-identical codes. At 
 the artifact's `model.safetensors` (or shards with their index).
 
 Peak memory is about one float block, its bf16 copy for the forwards, one block's Hessians and the activations:
-`memory_plan` prints it before any compute and refuses a plan that cannot fit.
+`memory_plan` prints it before any compute and refuses a plan that cannot fit. The activations (the states between
+blocks) stay on the device, or move to host memory or disk (`quantize.activations`, compress.quantize.offload)
+when they do not fit: then the device holds one batch of them at a time.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from compress.architectures import get_blocks, layer_layout
 from compress.errors import CompressError
 from compress.quantize.calibrate import BlockHooks, BlockInputs, LayerReport, _block_output, capture_calibration, linear_weight
 from compress.quantize.gptq_checkpoint import gptq_tensors
-from compress.shards import merge_pieces, write_piece
+from compress.quantize.offload import ActivationStore, Loaded
+from compress.shards import merge_pieces, write_piece, write_streamed
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.safetensors"
@@ -137,9 +140,11 @@ class MemoryPlan:
     runner: int  # its copy for the calibration forwards (forward_dtype bfloat16; 0 at float32)
     hessians: int  # its Hessians at once (one group's with true_sequential)
     gptq: int  # GPTQ's working copies of the largest group of Linears (W, Q, errors)
-    activations: int  # calibration states entering and leaving a block, and the evaluation states
+    activations: int  # calibration states entering and leaving a block, and the evaluation states, on the device
     rest: int  # embedding, final norm and head in fp32: resident only while capturing and at the end
     available: int | None  # what the device has free now (None: unknown)
+    where: str = "device"  # where the states between blocks are kept (quantize.activations)
+    offloaded: int = 0  # ... and their bytes there, when that is not the device
 
     @property
     def peak(self) -> int:
@@ -148,8 +153,9 @@ class MemoryPlan:
     def describe(self) -> str:
         gib = _size
         parts = f"block {gib(self.block)} + forward copy {gib(self.runner)} + Hessians {gib(self.hessians)} + GPTQ {gib(self.gptq)}"
+        where = f" (states between blocks {'in host memory' if self.where == 'cpu' else 'on disk'}: {gib(self.offloaded)}, one batch at a time on the device)" if self.offloaded else ""
         return (
-            f"memory plan (block at a time): max({parts}; embedding/head {gib(self.rest)}) + activations {gib(self.activations)} "
+            f"memory plan (block at a time): max({parts}; embedding/head {gib(self.rest)}) + activations {gib(self.activations)}{where} "
             f"= peak about {gib(self.peak)}" + (f" of {gib(self.available)} available" if self.available is not None else "")
         )
 
@@ -163,7 +169,7 @@ def _size(n: int) -> str:
 
 def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None  # None: not visible here (a plan for another machine)
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -173,7 +179,8 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def memory_plan(onloader: Onloader, linears: dict[str, nn.Module], spec, calib: torch.Tensor | None, eval_ids: torch.Tensor | None, *, device: torch.device) -> MemoryPlan:
+def memory_plan(onloader: Onloader, linears: dict[str, nn.Module], spec, calib: torch.Tensor | None, eval_ids: torch.Tensor | None, *, device: torch.device, where: str = "device") -> MemoryPlan:
+    """`where`: the resolved `quantize.activations` (device, cpu or disk)."""
     model, prefix = onloader.model, onloader.prefix
     config = model.config
     hidden = int(config.hidden_size)
@@ -190,16 +197,47 @@ def memory_plan(onloader: Onloader, linears: dict[str, nn.Module], spec, calib: 
     work = 3 * 4 * max(by_width.values(), default=0)
     tokens = calib.numel() if gptq and calib is not None else 0
     element = 2 if gptq and spec.forward_dtype == "bfloat16" else 4
-    activations = 2 * tokens * hidden * element + (3 * eval_ids.numel() * hidden * 4 if eval_ids is not None else 0)
+    eval_tokens = eval_ids.numel() if eval_ids is not None else 0
+    activations = 2 * tokens * hidden * element + 3 * eval_tokens * hidden * 4
     rest = max(onloader.nbytes(onloader.for_capture()), onloader.nbytes(onloader.for_head()))
-    return MemoryPlan(block, runner, hessians, work, activations, rest, available_bytes(device))
+    offloaded = 0
+    if where == "disk" or (where == "cpu" and device.type != "cpu"):
+        # On the device: one batch in and out (with true_sequential every batch's input: the paused forwards hold them).
+        seq = calib.shape[-1] if gptq and calib is not None else 0
+        batch = min(spec.batch_size, calib.shape[0]) * seq if gptq and calib is not None else 0
+        calib_inputs = tokens if getattr(spec, "true_sequential", False) else batch
+        eval_batch = min(EVAL_BATCH, eval_ids.shape[0]) * eval_ids.shape[-1] if eval_ids is not None else 0
+        offloaded, activations = activations, (calib_inputs + batch) * hidden * element + 3 * eval_batch * hidden * 4
+    return MemoryPlan(block, runner, hessians, work, activations, rest, available_bytes(device), where, offloaded)
+
+
+def resolve_activations(onloader: Onloader, linears, spec, calib, eval_ids, *, device: torch.device) -> MemoryPlan:
+    """The plan for `quantize.activations`; `auto`: on the device when that plan fits (or the device's memory is
+    not known), else in host memory (a CUDA device, when the host has it free), else on disk."""
+    wanted = getattr(spec, "activations", "device")
+    plan = memory_plan(onloader, linears, spec, calib, eval_ids, device=device, where="device" if wanted == "auto" else wanted)
+    if wanted != "auto" or plan.available is None or plan.peak <= plan.available:
+        return plan
+    if device.type != "cpu":
+        host = memory_plan(onloader, linears, spec, calib, eval_ids, device=device, where="cpu")
+        free = available_bytes(torch.device("cpu"))
+        if free is None or host.offloaded <= free:
+            return host
+    return memory_plan(onloader, linears, spec, calib, eval_ids, device=device, where="disk")
 
 
 def check_plan(plan: MemoryPlan, device: torch.device, spec) -> None:
     """A plan larger than the device's free memory is refused before compute, with the numbers and what to change."""
+    if plan.where == "cpu" and plan.offloaded and device.type != "cpu":
+        free = available_bytes(torch.device("cpu"))
+        if free is not None and plan.offloaded > free:
+            raise SequentialError(f"{plan.describe()}: the states between blocks do not fit the host's {_size(free)} of free memory; set quantize.activations: disk, "
+                                  "or lower quantize.calib.samples / data.max_eval_tokens")
     if plan.available is None or plan.peak <= plan.available:
         return
     changes = ["lower quantize.calib.samples or seq_len (activations)", "lower data.max_eval_tokens (evaluation states)"]
+    if plan.where == "device":
+        changes.insert(0, "set quantize.activations: cpu or disk (the states between blocks off the device, one batch at a time on it)")
     if getattr(spec, "method", "") == "gptq" and not spec.true_sequential:
         changes.append("set quantize.true_sequential: true (one group's Hessian at a time)")
     if getattr(spec, "method", "") == "gptq" and spec.forward_dtype != "bfloat16":
@@ -211,8 +249,9 @@ class BlockWriter(BlockHooks):
     """The hooks of block-at-a-time quantization: onload block i, carry the evaluation states through it before
     (float) and after (quantized) its quantization, write its packed tensors, save where the run stands, free it."""
 
-    def __init__(self, onloader: Onloader, folder: Path, *, v2: bool, fingerprint: str, eval_inputs: BlockInputs | None, evaluation: dict[str, list[torch.Tensor]] | None, progress: dict):
-        self.onloader, self.folder, self.v2, self.fingerprint = onloader, folder, v2, fingerprint
+    def __init__(self, onloader: Onloader, folder: Path, *, v2: bool, fingerprint: str, eval_inputs: BlockInputs | None, evaluation: dict[str, list] | None, progress: dict,
+                 store: ActivationStore):
+        self.onloader, self.folder, self.v2, self.fingerprint, self.store = onloader, folder, v2, fingerprint, store
         self.eval_inputs, self.evaluation = eval_inputs, evaluation
         self.progress = progress
         self.resident: int | None = None  # the block already onloaded (block 0, for the capture)
@@ -223,18 +262,18 @@ class BlockWriter(BlockHooks):
             self.onloader.onload(self.onloader.block_names[index])
         self.resident = None
         if self.evaluation is not None:
-            self.evaluation["float"] = _through(block, self.eval_inputs, index, self.evaluation["float"], last=False)
+            self.evaluation["float"] = _through(block, self.eval_inputs, index, self.evaluation["float"], last=False, store=self.store)
 
     def after(self, index: int, block: nn.Module, outputs, reports: list[LayerReport], results) -> None:
         if self.evaluation is not None:
-            self.evaluation["quantized"] = _through(block, self.eval_inputs, index, self.evaluation["quantized"], last=True)
+            self.evaluation["quantized"] = _through(block, self.eval_inputs, index, self.evaluation["quantized"], last=True, store=self.store)
         prefix = f"{self.onloader.prefix}.{index}."
         state = {prefix + k: v for k, v in block.state_dict().items()}
         mine = {n: results.pop(n) for n in [n for n in results if n.startswith(prefix)]}
         write_piece(self.folder / piece_name(index), gptq_tensors(state, mine, v2=self.v2))
         self.onloader.offload(self.onloader.block_names[index])
         release_memory(self.onloader.device)
-        save_state(self.folder, outputs, self.evaluation)
+        save_state(self.folder, outputs, self.evaluation, self.store)
         self.progress["done"] = index + 1
         self.progress["reports"].extend(dataclasses.asdict(r) for r in reports)
         self.progress["seconds"].append(round(time.perf_counter() - self.started, 3))
@@ -267,9 +306,9 @@ class PackedResults(dict):
         super().__setitem__(name, pack(result, v2=self.v2))
 
 
-def _through(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor], *, last: bool) -> list[torch.Tensor]:
+def _through(block: nn.Module, inputs: BlockInputs, index: int, hidden: list, *, last: bool, store: ActivationStore) -> list:
     with torch.no_grad():
-        out = [_block_output(block(h, **kw)) for h, kw in inputs.states(index, hidden)]
+        out = [store.keep(_block_output(block(store.load(h), **kw))) for h, kw in zip(hidden, inputs.kwargs[index], strict=True)]
     if last:
         inputs.kwargs[index] = []  # this block's own arguments are not needed again
     return out
@@ -293,22 +332,24 @@ def write_progress(folder: Path, progress: dict) -> None:
     os.replace(tmp, folder / PROGRESS_FILE)
 
 
-def save_state(folder: Path, hidden: list[torch.Tensor], evaluation: dict | None) -> None:
-    """The states entering the next block (calibration; float and quantized evaluation), exactly as they are."""
-    tensors = {f"calib.{b}": h for b, h in enumerate(hidden)}
+def save_state(folder: Path, hidden: list, evaluation: dict | None, store: ActivationStore) -> None:
+    """The states entering the next block (calibration; float and quantized evaluation), exactly as they are,
+    read from the store one at a time (compress.shards.write_streamed)."""
+    handles = {f"calib.{b}": h for b, h in enumerate(hidden)}
     for kind, states in (evaluation or {}).items():
-        tensors.update({f"{kind}.{b}": h for b, h in enumerate(states)})
-    write_piece(folder / STATE_FILE, tensors)
+        handles.update({f"{kind}.{b}": h for b, h in enumerate(states)})
+    write_streamed(folder / STATE_FILE, {name: (lambda h=h: store.to_cpu(h)) for name, h in handles.items()})
 
 
-def load_state(folder: Path, device: torch.device) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-    from safetensors.torch import load_file
+def load_state(folder: Path, store: ActivationStore) -> tuple[list, dict[str, list]]:
+    """What `save_state` wrote, each tensor read and handed to the store in turn."""
+    from safetensors import safe_open
 
-    tensors = load_file(str(folder / STATE_FILE), device=str(device))
-    found: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        kind, b = key.rsplit(".", 1)
-        found.setdefault(kind, {})[int(b)] = value
+    found: dict[str, dict[int, object]] = {}
+    with safe_open(str(folder / STATE_FILE), framework="pt", device="cpu") as fh:
+        for key in fh.keys():
+            kind, b = key.rsplit(".", 1)
+            found.setdefault(kind, {})[int(b)] = store.keep(fh.get_tensor(key).to(store.device))
     ordered = {kind: [v[b] for b in sorted(v)] for kind, v in found.items()}
     return ordered.pop("calib", []), ordered
 
@@ -358,7 +399,7 @@ def finish(onloader: Onloader, folder: Path, directory: Path, *, v2: bool) -> li
 EVAL_BATCH = 4  # as evaluate.perplexity_on_blocks batches the held-out blocks
 
 
-def perplexity_from_final(model: nn.Module, ids: torch.Tensor, final: list[torch.Tensor], template) -> dict:
+def perplexity_from_final(model: nn.Module, ids: torch.Tensor, final, template) -> dict:
     """Held-out perplexity from the last block's outputs per batch of EVAL_BATCH, summed as
     `evaluate.perplexity_on_blocks` sums it, through the model's own head one sequence at a time (a batch's
     logits over a large vocabulary would be the largest tensor of the run)."""
@@ -366,9 +407,10 @@ def perplexity_from_final(model: nn.Module, ids: torch.Tensor, final: list[torch
 
     nll, tokens = 0.0, 0
     for b, start in enumerate(range(0, len(ids), EVAL_BATCH)):
+        hidden = final[b]
         for s in range(min(EVAL_BATCH, len(ids) - start)):
             target = ids[start + s : start + s + 1]
-            (logits,) = logits_from_final(model, target, 1, [final[b][s : s + 1]], template)
+            (logits,) = logits_from_final(model, target, 1, [hidden[s : s + 1]], template)
             x = logits[:, :-1].float()
             nll += torch.nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), target[:, 1:].reshape(-1).to(x.device), reduction="sum").item()
             tokens += target[:, 1:].numel()
@@ -392,34 +434,47 @@ def quantize_by_blocks(onloader: Onloader, spec, calib: torch.Tensor | None, eva
     from compress.quantize.calibrate import quantizable_linears
 
     model, device = onloader.model, onloader.device
-    plan = memory_plan(onloader, quantizable_linears(model, tuple(spec.skip)), spec, calib, eval_ids, device=device)
+    plan = resolve_activations(onloader, quantizable_linears(model, tuple(spec.skip)), spec, calib, eval_ids, device=device)
     log(plan.describe())
     check_plan(plan, device, spec)
     folder = progress_dir(output)
     progress = open_progress(folder, fp, resume=resume, log=log)
+    scratch = folder / "activations"
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed run's: the states to resume from are in the state file
+    store = ActivationStore(plan.where, device, scratch)
+    try:
+        return _quantize_by_blocks(onloader, spec, calib, eval_ids, folder=folder, fp=fp, v2=v2, quantize=quantize, plan=plan, progress=progress, store=store)
+    finally:
+        store.close()
+
+
+def _quantize_by_blocks(onloader: Onloader, spec, calib, eval_ids, *, folder: Path, fp: str, v2: bool, quantize, plan: MemoryPlan, progress: dict, store: ActivationStore) -> BlocksOutcome:
+    model, device = onloader.model, onloader.device
     start = progress["done"]
     gptq = spec.method == "gptq"
     # The captures run the model's own forward up to block 0 (which gives the structure of a block's output).
     onloader.onload(onloader.for_capture())
     onloader.onload(onloader.block_names[0])
-    calibration = capture_calibration(model, calib, spec.batch_size) if gptq else BlockInputs([], [])
-    eval_inputs = capture_calibration(model, eval_ids, EVAL_BATCH)
+    calibration = capture_calibration(model, calib, spec.batch_size, keep=store.keep) if gptq else BlockInputs([], [])
+    eval_inputs = capture_calibration(model, eval_ids, EVAL_BATCH, keep=store.keep)
     template = eval_inputs.template
     if start:
-        hidden, evaluation = load_state(folder, device)
+        calibration.hidden, eval_inputs.hidden = [], []  # the run continues from the states it saved
+        hidden, evaluation = load_state(folder, store)
         onloader.offload(onloader.block_names[0])
     else:
         hidden, evaluation = None, {"float": eval_inputs.hidden, "quantized": list(eval_inputs.hidden)}
+    eval_inputs.hidden = []  # held by `evaluation` from here on (and dropped block by block)
     onloader.offload(onloader.for_capture())  # not needed again until the end
     release_memory(device)
-    writer = BlockWriter(onloader, folder, v2=v2, fingerprint=fp, eval_inputs=eval_inputs, evaluation=evaluation, progress=progress)
+    writer = BlockWriter(onloader, folder, v2=v2, fingerprint=fp, eval_inputs=eval_inputs, evaluation=evaluation, progress=progress, store=store)
     writer.resident = 0 if start == 0 else None
     final: list[torch.Tensor] = []
-    quantize(model, calib, hooks=writer, calibration=calibration, start=start, start_hidden=hidden, final_hidden=final, results=PackedResults(v2))
+    quantize(model, calib, hooks=writer, calibration=calibration, start=start, start_hidden=hidden, final_hidden=final, results=PackedResults(v2), store=store)
     if not gptq:
         final = []
     onloader.onload(onloader.for_head())
-    before = perplexity_from_final(model, eval_ids, evaluation["float"], template)
-    after = perplexity_from_final(model, eval_ids, evaluation["quantized"], template)
+    before = perplexity_from_final(model, eval_ids, Loaded(store, evaluation["float"]), template)
+    after = perplexity_from_final(model, eval_ids, Loaded(store, evaluation["quantized"]), template)
     reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in progress["reports"]]
     return BlocksOutcome(reports, final, template, before, after, progress["seconds"], {**dataclasses.asdict(plan), "peak": plan.peak})

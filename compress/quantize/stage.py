@@ -221,7 +221,8 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
             from compress.quantize.sequential import finish, fingerprint, progress_dir, quantize_by_blocks
 
             v2 = checkpoint_format(spec.sym) == "gptq_v2"
-            fp = fingerprint(inputs, spec.model_dump(mode="json"), hashlib.sha256(held_out.numpy().tobytes()).hexdigest())
+            # Where the states between blocks are kept does not change the codes: a resume may change it.
+            fp = fingerprint(inputs, spec.model_dump(mode="json", exclude={"activations"}), hashlib.sha256(held_out.numpy().tobytes()).hexdigest())
             bar = _progress_bar(model, spec, progress)
             driver = lambda m, c, **hooks: _quantize_int(m, spec, c, bar, **hooks)  # noqa: E731
             try:
