@@ -188,10 +188,8 @@ def packed_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_
     tokenizing, and `<key>.json` their shape, written last. The blocks come back memory-mapped, so a corpus
     occupies the page cache, not the process: only the rows a batch indexes are read."""
     path = resolve_data_path(source)
-    key = hashlib.sha256(
-        json.dumps([hash_path(path), tokenizer_fingerprint(tokenizer), seq_len, text_field, max_tokens]).encode()
-    ).hexdigest()[:24]
-    cache = (cache_dir or cache_root() / "data") / f"{key}.tokens"
+    cache = _cache_file(path, tokenizer, seq_len, text_field, max_tokens, cache_dir)
+    key = cache.stem
     blocks = _mapped_blocks(cache)
     if blocks is not None:
         return blocks
@@ -217,6 +215,47 @@ def packed_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_
         json.dump(meta, fh)
     os.replace(tmp, cache.with_suffix(".json"))
     return _mapped_blocks(cache)
+
+
+def _cache_file(path: Path, tokenizer, seq_len: int, text_field: str, max_tokens: int | None, cache_dir: Path | None) -> Path:
+    key = hashlib.sha256(
+        json.dumps([hash_path(path), tokenizer_fingerprint(tokenizer), seq_len, text_field, max_tokens]).encode()
+    ).hexdigest()[:24]
+    return (cache_dir or cache_root() / "data") / f"{key}.tokens"
+
+
+def cached_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_tokens: int | None, cache_dir: Path | None) -> torch.Tensor | None:
+    """What `packed_blocks` would return when that is already in the cache (nothing is tokenized); else None."""
+    return _mapped_blocks(_cache_file(resolve_data_path(source), tokenizer, seq_len, text_field, max_tokens, cache_dir))
+
+
+def _document_key(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")
+
+
+def sample_documents(source: str, text_field: str, *, max_chars: int, seed: int) -> tuple[list[str] | None, int]:
+    """A seeded sample of whole documents of about `max_chars` characters in all, in the source's order, from one
+    pass that reads the text and tokenizes nothing; and how many documents the source has. None instead of the
+    sample when the whole source is at most `max_chars` (tokenize it all). Each document gets a seeded random key
+    and the documents of the smallest keys are kept (a bottom-k sample by characters), so memory stays at about
+    `max_chars` whatever the source's size."""
+    import heapq
+
+    heap: list[tuple[int, int, str]] = []  # (-key, index, text): the largest kept key on top
+    kept = total = 0
+    count = 0
+    for index, text in enumerate(read_texts(resolve_data_path(source), text_field)):
+        count = index + 1
+        total += len(text)
+        key = _document_key(seed, index)
+        if kept + len(text) <= max_chars or (heap and key < -heap[0][0]):
+            heapq.heappush(heap, (-key, index, text))
+            kept += len(text)
+            while kept > max_chars and len(heap) > 1:
+                kept -= len(heapq.heappop(heap)[2])
+    if total <= max_chars:
+        return None, count
+    return [text for _, _, text in sorted(heap, key=lambda item: item[1])], count
 
 
 def _mapped_blocks(cache: Path) -> torch.Tensor | None:

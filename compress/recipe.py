@@ -174,6 +174,19 @@ class CalibSpec(Spec):
     source: str | None = Field(None, description="Calibration text (same forms as data.train); null = the recipe's data.train.")
     samples: int = Field(128, ge=1, description="Calibration sequences.")
     seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
+    max_chars: int | Literal["auto"] = Field(
+        "auto",
+        description="Calibration text tokenized at most, in characters. A source larger than this (and not already packed in the data cache at this seq_len) is not tokenized whole: one pass reads it, keeps a seeded sample of whole documents of about this many characters, and only those are tokenized and packed; the `samples` sequences are drawn from them. A source at or under it is tokenized whole (and cached), as before. auto = the larger of 64 million and 16 x samples x seq_len (about four times the tokens drawn, at 4 characters a token).",
+    )
+
+    @model_validator(mode="after")
+    def _check_chars(self):
+        if self.max_chars != "auto" and self.max_chars < 1:
+            raise ValueError("max_chars must be auto or a positive number of characters")
+        return self
+
+    def resolved_max_chars(self) -> int:
+        return max(64_000_000, 16 * self.samples * self.seq_len) if self.max_chars == "auto" else self.max_chars
 
 
 def _check_group_size(value: int | str) -> int | str:

@@ -214,3 +214,80 @@ def test_gptq_on_cuda_leaves_each_finished_layer_on_the_cpu(wide_llama, text_fil
     results, _ = quantize_blocks(model, calib, QuantGrid(4, True), method="gptq", group_size=32, skip=("lm_head",))
     assert results and all(t.device.type == "cpu" for r in results.values() for t in (r.Q, r.codes, r.scales, r.zeros, r.g_idx))
     assert next(model.parameters()).device.type == "cuda"
+
+
+def _numbered_corpus(path, count=120):
+    """Documents whose words name them: doc-17 is 'alpha17 beta17 ...', so a block's text tells where it came from."""
+    path.write_text("".join(json.dumps({"text": " ".join(f"{w}{i}" for w in ("alpha", "beta", "gamma", "delta", "omega") * 6)}) + "\n" for i in range(count)))
+    return path
+
+
+def test_sample_documents_is_a_seeded_bounded_sample_in_corpus_order(tmp_path):
+    from compress.data import read_texts, sample_documents
+
+    source = _numbered_corpus(tmp_path / "docs.jsonl")
+    texts = list(read_texts(source))
+    total = sum(map(len, texts))
+    picked, count = sample_documents(str(source), "text", max_chars=total // 4, seed=0)
+    assert count == len(texts) and 0 < len(picked) < len(texts) // 2
+    assert sum(map(len, picked)) <= total // 4
+    order = [texts.index(t) for t in picked]
+    assert order == sorted(order)  # the source's order, not the sampling keys'
+    assert order != list(range(len(picked)))  # not simply the first documents
+    assert sample_documents(str(source), "text", max_chars=total // 4, seed=0)[0] == picked
+    assert sample_documents(str(source), "text", max_chars=total // 4, seed=1)[0] != picked
+    assert sample_documents(str(source), "text", max_chars=total, seed=0) == (None, len(texts))  # small enough: tokenize it whole
+
+
+def test_calibration_tokenizes_only_the_sampled_documents_of_a_large_source(tmp_path, wide_llama, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import compress.data as data
+    from compress.data import pack, packed_blocks, read_texts
+
+    source = _numbered_corpus(tmp_path / "docs.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(wide_llama)
+    texts = list(read_texts(source))
+    files = {"train": source, "eval": source}
+    tokenized = []
+    real_rows = data._packed_rows
+
+    def counting_rows(docs, *args):
+        def seen():
+            for text in docs:
+                tokenized.append(text)
+                yield text
+        return real_rows(seen(), *args)
+
+    monkeypatch.setattr(data, "_packed_rows", counting_rows)
+    budget = sum(map(len, texts)) // 3
+    recipe = make_recipe(tmp_path, files, calib={"source": str(source), "samples": 4, "seq_len": 32, "max_chars": budget})
+    facts = {}
+    calib, _ = calibration_blocks(recipe, recipe.quantize, tokenizer, facts)
+    assert facts["tokenized"] == "sampled documents" and facts["documents"] == len(texts)
+    assert 0 < len(tokenized) == facts["sampled_documents"] < len(texts) / 2  # nothing else was tokenized
+    picked = {texts.index(t) for t in tokenized}
+    # Every drawn block is text of the sampled documents only.
+    for row in calib:
+        words = tokenizer.decode(row).split()[1:-1]  # a block may cut a word at either end
+        named = {int(w[len(p):]) for w in words for p in ("alpha", "beta", "gamma", "delta", "omega") if w.startswith(p) and w[len(p):].isdigit()}
+        assert named and named <= picked
+    # The draw is the one the whole-source path makes, over the sampled documents' blocks.
+    blocks = pack(iter(tokenized), tokenizer, 32)
+    pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))[:4]
+    assert torch.equal(calib, blocks[pick.sort().values])
+
+    # Under the limit (auto: 64 M characters) the whole source is tokenized, exactly as before.
+    tokenized.clear()
+    whole_recipe = make_recipe(tmp_path, files, calib={"source": str(source), "samples": 4, "seq_len": 32})
+    facts = {}
+    whole, _ = calibration_blocks(whole_recipe, whole_recipe.quantize, tokenizer, facts)
+    assert facts["tokenized"] == "whole source" and len(tokenized) == len(texts)
+    every = packed_blocks(str(source), tokenizer, seq_len=32, text_field="text", max_tokens=None, cache_dir=tmp_path / "cache")
+    pick = torch.randperm(len(every), generator=torch.Generator().manual_seed(whole_recipe.seed))[:4]
+    assert torch.equal(whole, every[pick.sort().values])
+    # ... and cached: the next calibration of that source tokenizes nothing, even with a small limit.
+    tokenized.clear()
+    facts = {}
+    again, _ = calibration_blocks(recipe, recipe.quantize, tokenizer, facts)
+    assert facts["tokenized"] == "cached" and not tokenized and torch.equal(again, whole)

@@ -137,10 +137,28 @@ def resolve_group_size(spec, linears: dict, log=print) -> int:
     return spec.group_size
 
 
-def calibration_blocks(recipe: Recipe, spec: GPTQSpec, tokenizer) -> tuple[torch.Tensor, str]:
-    """`samples` blocks of `seq_len` tokens drawn (seeded) from the calibration text, and their hash."""
-    source = spec.calib.source or recipe.data.train
-    blocks = packed_blocks(source, tokenizer, seq_len=spec.calib.seq_len, text_field=recipe.data.text_field, max_tokens=None, cache_dir=_cache(recipe))
+def calibration_blocks(recipe: Recipe, spec: GPTQSpec, tokenizer, facts: dict | None = None) -> tuple[torch.Tensor, str]:
+    """`samples` blocks of `seq_len` tokens drawn (seeded) from the calibration text, and their hash. A source
+    larger than `calib.max_chars` is not tokenized whole: the blocks are drawn from a seeded sample of its
+    documents (`data.sample_documents`), unless it is already packed in the cache. `facts` receives how."""
+    from compress.data import cached_blocks, pack, sample_documents
+
+    source, calib, facts = spec.calib.source or recipe.data.train, spec.calib, {} if facts is None else facts
+    where = dict(seq_len=calib.seq_len, text_field=recipe.data.text_field, max_tokens=None, cache_dir=_cache(recipe))
+    blocks = cached_blocks(source, tokenizer, **where)
+    if blocks is None:
+        sampled, documents = sample_documents(source, recipe.data.text_field, max_chars=calib.resolved_max_chars(), seed=recipe.seed)
+        if sampled is not None:
+            blocks = pack(iter(sampled), tokenizer, calib.seq_len)
+            facts.update(tokenized="sampled documents", documents=documents, sampled_documents=len(sampled), sampled_chars=sum(map(len, sampled)), blocks=len(blocks))
+            if len(blocks) < calib.samples:  # the sample was too short for the draw: the whole source after all
+                facts.update(tokenized="whole source", why=f"the sampled documents made {len(blocks)} blocks, fewer than calib.samples={calib.samples}")
+                blocks = None
+        if blocks is None:
+            blocks = packed_blocks(source, tokenizer, **where)
+            facts.setdefault("tokenized", "whole source")
+    else:
+        facts["tokenized"] = "cached"
     if len(blocks) < spec.calib.samples:
         raise QuantizeError(
             f"calibration text {source} has {blocks.numel():,} tokens: fewer than quantize.calib.samples x seq_len = "
@@ -206,9 +224,11 @@ def run_quantize(recipe: Recipe, source: str, output: str | Path, *, overwrite: 
         head_codes, why_not = head_codes_plan(model, spec)
         if why_not:
             extra["lm_head_codes"] = {"skipped": why_not}
-        calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer) if isinstance(spec, GPTQSpec) else (None, None))
+        calib_facts: dict = {}
+        calib, calib_hash = (calibration_blocks(recipe, spec, tokenizer, calib_facts) if isinstance(spec, GPTQSpec) else (None, None))
         if calib is not None:
-            inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len})
+            inputs.append({"role": "calibration", "source": spec.calib.source or recipe.data.train, "sha256": calib_hash, "samples": spec.calib.samples, "seq_len": spec.calib.seq_len,
+                           **calib_facts})
     if mode == "whole":
         model.to(device)
         before = perplexity_on_blocks(model, held_out)
