@@ -273,7 +273,8 @@ def test_calibration_tokenizes_only_the_sampled_documents_of_a_large_source(tmp_
         named = {int(w[len(p):]) for w in words for p in ("alpha", "beta", "gamma", "delta", "omega") if w.startswith(p) and w[len(p):].isdigit()}
         assert named and named <= picked
     # The draw is the one the whole-source path makes, over the sampled documents' blocks.
-    blocks = pack(iter(tokenized), tokenizer, 32)
+    sampled = list(tokenized)
+    blocks = pack(iter(sampled), tokenizer, 32)
     pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))[:4]
     assert torch.equal(calib, blocks[pick.sort().values])
 
