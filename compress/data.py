@@ -189,10 +189,13 @@ def packed_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_
     occupies the page cache, not the process: only the rows a batch indexes are read."""
     path = resolve_data_path(source)
     cache = _cache_file(path, tokenizer, seq_len, text_field, max_tokens, cache_dir)
-    key = cache.stem
     blocks = _mapped_blocks(cache)
-    if blocks is not None:
-        return blocks
+    return blocks if blocks is not None else _pack_into(cache, path, source, tokenizer, seq_len, text_field, max_tokens)
+
+
+def _pack_into(cache: Path, path: Path, source: str, tokenizer, seq_len: int, text_field: str, max_tokens: int | None) -> torch.Tensor:
+    """Tokenize and pack `path` into the cache file `cache` (streamed, atomic), then map it."""
+    key = cache.stem
     cache.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".tokens", dir=cache.parent)
     rows = 0
@@ -224,9 +227,25 @@ def _cache_file(path: Path, tokenizer, seq_len: int, text_field: str, max_tokens
     return (cache_dir or cache_root() / "data") / f"{key}.tokens"
 
 
-def cached_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, max_tokens: int | None, cache_dir: Path | None) -> torch.Tensor | None:
-    """What `packed_blocks` would return when that is already in the cache (nothing is tokenized); else None."""
-    return _mapped_blocks(_cache_file(resolve_data_path(source), tokenizer, seq_len, text_field, max_tokens, cache_dir))
+def sampled_blocks(source: str, tokenizer, *, seq_len: int, text_field: str, cache_dir: Path | None, max_chars: int, seed: int, need: int) -> tuple[torch.Tensor, dict]:
+    """Blocks of `source` to draw `need` of, tokenizing no more than that takes: its whole packing when it is in the
+    cache or has at most `max_chars` characters (packed and cached as `packed_blocks` does), else the packing of a
+    seeded sample of its documents (`sample_documents`; the whole source after all if that gives fewer than `need`
+    blocks). With how they were made, for the record."""
+    path = resolve_data_path(source)
+    cache = _cache_file(path, tokenizer, seq_len, text_field, None, cache_dir)
+    blocks = _mapped_blocks(cache)
+    if blocks is not None:
+        return blocks, {"tokenized": "cached"}
+    sampled, documents = sample_documents(source, text_field, max_chars=max_chars, seed=seed)
+    facts: dict = {"tokenized": "whole source"}
+    if sampled is not None:
+        blocks = pack(iter(sampled), tokenizer, seq_len)
+        facts = {"tokenized": "sampled documents", "documents": documents, "sampled_documents": len(sampled), "sampled_chars": sum(map(len, sampled)), "blocks": len(blocks)}
+        if len(blocks) >= need:
+            return blocks, facts
+        facts.update(tokenized="whole source", why=f"the sampled documents made {len(blocks)} blocks, fewer than calib.samples={need}")
+    return _pack_into(cache, path, source, tokenizer, seq_len, text_field, None), facts
 
 
 def _document_key(seed: int, index: int) -> int:
@@ -242,11 +261,9 @@ def sample_documents(source: str, text_field: str, *, max_chars: int, seed: int)
     import heapq
 
     heap: list[tuple[int, int, str]] = []  # (-key, index, text): the largest kept key on top
-    kept = total = 0
-    count = 0
+    kept = total = count = 0
     for index, text in enumerate(read_texts(resolve_data_path(source), text_field)):
-        count = index + 1
-        total += len(text)
+        count, total = index + 1, total + len(text)
         key = _document_key(seed, index)
         if kept + len(text) <= max_chars or (heap and key < -heap[0][0]):
             heapq.heappush(heap, (-key, index, text))

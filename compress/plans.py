@@ -204,7 +204,7 @@ def _fsdp_parts(student: Student, teacher_config, teacher_params: int, teacher_b
     running and the one prefetched). Gradients are reduce-scattered after every micro-batch, so they stay sharded."""
     n = processes
     s_root, s_block = _root_and_block(student.config, student.parameters)
-    t_root, t_block = _root_and_block(teacher_config, teacher_params)
+    _, t_block = _root_and_block(teacher_config, teacher_params)
     t_head = int(teacher_config.vocab_size) * int(teacher_config.hidden_size)
     # A tied head is the embedding, sharded, and the head kept whole besides; an untied one is in no group.
     t_sharded = teacher_params if getattr(teacher_config, "tie_word_embeddings", False) else teacher_params - t_head

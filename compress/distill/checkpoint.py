@@ -164,10 +164,11 @@ def remove_checkpoints(root: Path) -> None:
 def load_checkpoint(path: Path, model, optimizer, scheduler, *, sharded=None) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the saved state (with `step`). `sharded`: the FSDP2
     root module of a `distill.parallel: fsdp` run (call on every rank)."""
-    if (path / SHARDED).is_dir() and sharded is None:
+    distributed = (path / SHARDED).is_dir()
+    if distributed and sharded is None:
         raise CheckpointError(f"checkpoint {path} is distributed (written with distill.parallel: fsdp by several processes); continue it "
                               "under a multi-process launch with distill.parallel: fsdp, or pass --overwrite to start over")
-    if not (path / SHARDED).is_dir() and sharded is not None:
+    if not distributed and sharded is not None:
         raise CheckpointError(f"checkpoint {path} holds the whole model (written by one process or with distill.parallel: ddp); continue it "
                               "with distill.parallel: ddp, or pass --overwrite to start over")
     if sharded is not None:

@@ -230,12 +230,8 @@ def quantize_blocks(
         captured = calibration
     else:
         captured = capture_calibration(model, calib, batch_size, keep=store.keep) if method == "gptq" else BlockInputs([], [])
-    hidden = []
-    for h in captured.hidden if start_hidden is None else start_hidden:
-        x = store.load(h)
-        hidden.append(h if x.dtype == dtype else store.keep(x.to(dtype)))
-    x = None  # not held on the device through the blocks
-    captured.hidden = []  # nor block 0's inputs as captured (in fp32 when the forwards run in bf16): `hidden` has them
+    hidden = [h if store.dtype(h) == dtype else store.keep(store.load(h).to(dtype)) for h in (captured.hidden if start_hidden is None else start_hidden)]
+    captured.hidden = []  # block 0's inputs as captured (fp32 when the forwards run in bf16) are not held through the blocks: `hidden` has them
     cast: dict = {}  # tensors the blocks share (one rotary table, one mask) are cast once
     options = dict(group_size=group_size, damp=damp, act_order=act_order, block_size=block_size, static_groups=static_groups, scale_search=scale_search)
     with Workers(len(hidden) if true_sequential else 0) as workers:  # threads kept for every block

@@ -15,6 +15,7 @@ a block's inputs are all on the device while it is calibrated; only the states b
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ PLACES = ("device", "cpu", "disk")
 class _OnDisk:
     """One tensor in a raw file; the file goes when the handle does."""
 
-    __slots__ = ("path", "shape", "dtype", "__weakref__")
+    __slots__ = ("path", "shape", "dtype")
 
     def __init__(self, path: Path, tensor: torch.Tensor):
         self.path, self.shape, self.dtype = path, tuple(tensor.shape), tensor.dtype
@@ -37,9 +38,7 @@ class _OnDisk:
             fh.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
     def read(self) -> torch.Tensor:
-        count = 1
-        for n in self.shape:
-            count *= n
+        count = math.prod(self.shape)
         if count == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.from_file(str(self.path), shared=False, size=count, dtype=self.dtype).view(self.shape)
@@ -49,6 +48,11 @@ class _OnDisk:
             os.unlink(self.path)
         except (OSError, TypeError):
             pass
+
+
+def moves_off(where: str, device: torch.device) -> bool:
+    """Whether states kept `where` leave the compute `device` (host memory on a CPU device is the device)."""
+    return where == "disk" or (where == "cpu" and device.type != "cpu")
 
 
 class ActivationStore:
@@ -61,11 +65,6 @@ class ActivationStore:
         self._names = itertools.count()
         if folder is not None and where == "disk":
             folder.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def moves(self) -> bool:
-        """Whether kept tensors leave the compute device."""
-        return self.where == "disk" or (self.where == "cpu" and self.device.type != "cpu")
 
     def keep(self, tensor: torch.Tensor):
         if self.where == "disk":
@@ -81,6 +80,11 @@ class ActivationStore:
         if isinstance(handle, _OnDisk):
             return handle.read().to(self.device)
         return handle.to(self.device)
+
+    @staticmethod
+    def dtype(handle) -> torch.dtype:
+        """The kept tensor's dtype, without reading it."""
+        return handle.dtype
 
     def to_cpu(self, handle) -> torch.Tensor:
         return handle.read() if isinstance(handle, _OnDisk) else handle.cpu()
@@ -102,9 +106,7 @@ class Loaded(Sequence):
     def __len__(self) -> int:
         return len(self.handles)
 
-    def __getitem__(self, b):
-        if isinstance(b, slice):
-            return [self.store.load(h) for h in self.handles[b]]
+    def __getitem__(self, b: int) -> torch.Tensor:
         return self.store.load(self.handles[b])
 
 
@@ -120,7 +122,5 @@ class LazyStates(Sequence):
     def __len__(self) -> int:
         return len(self.handles)
 
-    def __getitem__(self, b):
-        if isinstance(b, slice):
-            return [(self.store.load(h), kw) for h, kw in zip(self.handles[b], self.kwargs[b])]
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, dict]:
         return self.store.load(self.handles[b]), self.kwargs[b]

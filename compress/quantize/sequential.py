@@ -33,7 +33,7 @@ from compress.architectures import get_blocks, layer_layout
 from compress.errors import CompressError
 from compress.quantize.calibrate import BlockHooks, BlockInputs, LayerReport, _block_output, capture_calibration, linear_weight
 from compress.quantize.gptq_checkpoint import gptq_tensors
-from compress.quantize.offload import ActivationStore, Loaded
+from compress.quantize.offload import ActivationStore, Loaded, moves_off
 from compress.shards import merge_pieces, write_piece, write_streamed
 
 PROGRESS_FILE = "progress.json"
@@ -201,7 +201,7 @@ def memory_plan(onloader: Onloader, linears: dict[str, nn.Module], spec, calib: 
     activations = 2 * tokens * hidden * element + 3 * eval_tokens * hidden * 4
     rest = max(onloader.nbytes(onloader.for_capture()), onloader.nbytes(onloader.for_head()))
     offloaded = 0
-    if where == "disk" or (where == "cpu" and device.type != "cpu"):
+    if moves_off(where, device):
         # On the device: one batch in and out (with true_sequential every batch's input: the paused forwards hold them).
         seq = calib.shape[-1] if gptq and calib is not None else 0
         batch = min(spec.batch_size, calib.shape[0]) * seq if gptq and calib is not None else 0

@@ -141,24 +141,13 @@ def calibration_blocks(recipe: Recipe, spec: GPTQSpec, tokenizer, facts: dict | 
     """`samples` blocks of `seq_len` tokens drawn (seeded) from the calibration text, and their hash. A source
     larger than `calib.max_chars` is not tokenized whole: the blocks are drawn from a seeded sample of its
     documents (`data.sample_documents`), unless it is already packed in the cache. `facts` receives how."""
-    from compress.data import cached_blocks, pack, sample_documents
+    from compress.data import sampled_blocks
 
-    source, calib, facts = spec.calib.source or recipe.data.train, spec.calib, {} if facts is None else facts
-    where = dict(seq_len=calib.seq_len, text_field=recipe.data.text_field, max_tokens=None, cache_dir=_cache(recipe))
-    blocks = cached_blocks(source, tokenizer, **where)
-    if blocks is None:
-        sampled, documents = sample_documents(source, recipe.data.text_field, max_chars=calib.resolved_max_chars(), seed=recipe.seed)
-        if sampled is not None:
-            blocks = pack(iter(sampled), tokenizer, calib.seq_len)
-            facts.update(tokenized="sampled documents", documents=documents, sampled_documents=len(sampled), sampled_chars=sum(map(len, sampled)), blocks=len(blocks))
-            if len(blocks) < calib.samples:  # the sample was too short for the draw: the whole source after all
-                facts.update(tokenized="whole source", why=f"the sampled documents made {len(blocks)} blocks, fewer than calib.samples={calib.samples}")
-                blocks = None
-        if blocks is None:
-            blocks = packed_blocks(source, tokenizer, **where)
-            facts.setdefault("tokenized", "whole source")
-    else:
-        facts["tokenized"] = "cached"
+    source, calib = spec.calib.source or recipe.data.train, spec.calib
+    blocks, made = sampled_blocks(source, tokenizer, seq_len=calib.seq_len, text_field=recipe.data.text_field, cache_dir=_cache(recipe),
+                                  max_chars=calib.resolved_max_chars(), seed=recipe.seed, need=calib.samples)
+    if facts is not None:
+        facts.update(made)
     if len(blocks) < spec.calib.samples:
         raise QuantizeError(
             f"calibration text {source} has {blocks.numel():,} tokens: fewer than quantize.calib.samples x seq_len = "
