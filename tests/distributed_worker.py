@@ -59,6 +59,9 @@ def main(recipe_json: str, out_dir: str) -> None:
     sharded = {role: sorted({type(p).__name__ for p in captured[role].parameters()}) for role in ("student", "teacher") if role in captured}
     report = {"rank": rank, "parameter_types": sharded, "sha256": digest.hexdigest(), "loss": result.metrics["final_train_loss"], "processes": result.metrics["processes"]}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    if torch.distributed.is_initialized():  # a clean teardown: exiting with the gloo group alive can fail the exit status
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
