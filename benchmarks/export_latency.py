@@ -36,28 +36,35 @@ from latency_variants import make_variant  # noqa: E402  (benchmarks/ is on sys.
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 ONNX_FORMATS = {"onnx-fp32": {"weights": "fp32"}, "onnx-int8": {"weights": "int8"}, "onnx-int4": {"weights": "int4"}}
-# From the GPTQ artifact, one folder per LM head setting: the default (lm_head auto: the head's 4-bit GPTQ codes
-# where the head is a large share of the bytes a decoded token reads), an 8-bit head, a float head.
+# From the GPTQ artifact, one folder per setting: the default (every quantized layer at accuracy_level 4, int8
+# activations; lm_head auto: the head's 4-bit GPTQ codes where the head is a large share of the bytes a decoded
+# token reads, beside an 8-bit embedding of its own), an 8-bit head, a float head, level 0 for the 4-bit layers
+# (fp32 activations: the same answer at any batch size; the old default), and the 4-bit embedding sharing the head's codes.
 GPTQ_FORMATS = {
     "onnx-int4-gptq": {"weights": "int4"},
     "onnx-int4-gptq-head8": {"weights": "int4", "lm_head": "int8"},
     "onnx-int4-gptq-headfp32": {"weights": "int4", "lm_head": "float"},
-    # MatMulNBits with int8 activations (accuracy_level 4, what the builder writes): the head only, then everything
-    "onnx-int4-gptq-head-level4": {"weights": "int4", "lm_head_accuracy_level": 4},
-    "onnx-int4-gptq-level4": {"weights": "int4", "accuracy_level": 4},
-    # the 4-bit head with an 8-bit embedding of its own (one row read per token: the head's speed, the 8-bit table's quality)
-    "onnx-int4-gptq-emb8": {"weights": "int4", "embedding": "int8"},
-    "onnx-int4-gptq-level4-emb8": {"weights": "int4", "accuracy_level": 4, "embedding": "int8"},
+    "onnx-int4-gptq-level0": {"weights": "int4", "accuracy_level": 0, "lm_head_accuracy_level": 4},
+    "onnx-int4-gptq-emb4": {"weights": "int4", "embedding": "int4"},
 }
-
+# From a second GPTQ artifact of the same model quantized with act-order's dynamic groups (--gptq-dynamic): its
+# columns' groups are scattered, so the folder permutes each projection's input (one Gather per q/k/v, o_proj and
+# gate/up input). Static groups (quantize.static_groups, the quickstart's) keep g_idx sequential and need none.
+DYNAMIC_FORMATS = {
+    "onnx-int4-gptq-dynamic-groups": {"weights": "int4"},
+    "onnx-int4-gptq-dynamic-groups-level0": {"weights": "int4", "accuracy_level": 0, "lm_head_accuracy_level": 4},
+}
+OURS = (*GPTQ_FORMATS, *DYNAMIC_FORMATS)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="builtin:smollm2-135m")
     p.add_argument("--gptq", type=Path, help="GPTQ 4-bit artifact of the teacher (compress quantize ... --method gptq --bits 4)")
+    p.add_argument("--gptq-dynamic", type=Path, help="GPTQ 4-bit artifact of the teacher with act-order's dynamic groups (quantize.static_groups: false)")
     p.add_argument("--genai", type=Path, help="onnxruntime-genai builder int4 folder of the teacher")
     p.add_argument("--student", type=Path, help="distilled student folder (float)")
     p.add_argument("--student-gptq", type=Path, help="GPTQ 4-bit artifact of the student")
+    p.add_argument("--student-gptq-dynamic", type=Path, help="GPTQ 4-bit artifact of the student with act-order's dynamic groups")
     p.add_argument("--student-genai", type=Path, help="onnxruntime-genai builder int4 folder of the student")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "export_latency", help="where missing ONNX exports are written")
     p.add_argument("--threads", type=int, default=2)
@@ -205,12 +212,14 @@ def prompt_ids(tokenizer_source: str, length: int) -> list[int]:
     raise RuntimeError(f"the eval split has fewer than {length} tokens")
 
 
-def ensure_exports(label: str, float_dir: str, gptq_dir: Path | None, work: Path, threads: int, only) -> dict[str, Path]:
+def ensure_exports(label: str, float_dir: str, gptq_dir: Path | None, work: Path, threads: int, only, dynamic_dir: Path | None = None) -> dict[str, Path]:
     from compress_exporters.onnx import export_onnx
 
     wanted = {name: (float_dir, kwargs) for name, kwargs in ONNX_FORMATS.items()}
     if gptq_dir is not None:
         wanted.update({name: (str(gptq_dir), kwargs) for name, kwargs in GPTQ_FORMATS.items()})
+    if dynamic_dir is not None:
+        wanted.update({name: (str(dynamic_dir), kwargs) for name, kwargs in DYNAMIC_FORMATS.items()})
     out = {}
     for name, (source, kwargs) in wanted.items():
         if only and name not in only:
@@ -223,10 +232,10 @@ def ensure_exports(label: str, float_dir: str, gptq_dir: Path | None, work: Path
     return out
 
 
-def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args) -> list[tuple[str, str, object]]:
+def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args, dynamic_dir=None) -> list[tuple[str, str, object]]:
     """(name, kind, path) in run order."""
     found = [("torch-fp32", "torch", float_dir)]
-    exports = ensure_exports(label, float_dir, gptq_dir, args.work, args.threads, args.only)
+    exports = ensure_exports(label, float_dir, gptq_dir, args.work, args.threads, args.only, dynamic_dir)
     found += [(name, "onnx", path) for name, path in exports.items()]
     try:
         import onnxruntime_genai  # noqa: F401
@@ -239,7 +248,7 @@ def variants_for(label: str, float_dir: str, gptq_dir, genai_dir, args) -> list[
         found.append(("builder-int4", "builder", genai_dir))
         if genai_runtime:
             found.append(("builder-int4-genai-runtime", "genai-runtime", genai_dir))
-    for name in GPTQ_FORMATS:  # our folders as apps built on onnxruntime-genai run them
+    for name in OURS:  # our folders as apps built on onnxruntime-genai run them
         if genai_runtime and name in exports:
             found.append((f"{name}-genai-runtime", "genai-runtime", exports[name]))
     return [v for v in found if not args.only or v[0] in args.only]
@@ -251,8 +260,8 @@ def summarize(values: list[float], *, rate: bool = False) -> dict:
     return {"median": round(statistics.median(ordered), 4), "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 4), "all": [round(v, 4) for v in values]}
 
 
-def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth: float) -> dict:
-    specs = variants_for(label, float_dir, gptq_dir, genai_dir, args)
+def bench_model(label: str, float_dir: str, gptq_dir, genai_dir, args, bandwidth: float, dynamic_dir=None) -> dict:
+    specs = variants_for(label, float_dir, gptq_dir, genai_dir, args, dynamic_dir)
     prompts = {n: prompt_ids(float_dir, n) for n in sorted(set(args.prefill) | {args.decode_prompt})}
     rows = {name: {"kind": kind, "path": str(path), "prefill_s": {str(n): [] for n in args.prefill}, "decode_tok_s": [], "load_average": []} for name, kind, path in specs}
     # Creation order matters: of identical ONNX Runtime sessions in one process, the later-created ran faster
@@ -339,7 +348,7 @@ def _versus_builder(rows: dict) -> list[str]:
         builder = rows.get(f"builder-int4{suffix}")
         if builder is None:
             continue
-        for name in GPTQ_FORMATS:
+        for name in OURS:
             ours = rows.get(f"{name}{suffix}")
             if ours is None:
                 continue
@@ -392,9 +401,9 @@ def main(argv=None) -> int:
     report = report_header(args, ("threads", "repeats", "new_tokens", "decode_prompt", "prefill", "spin", "reverse_load", "quality_windows", "quality_length"))
     bandwidth = copy_bandwidth()
     report["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
-    report["models"] = {"teacher": bench_model("teacher", args.teacher, args.gptq, args.genai, args, bandwidth)}
+    report["models"] = {"teacher": bench_model("teacher", args.teacher, args.gptq, args.genai, args, bandwidth, args.gptq_dynamic)}
     if args.student:
-        report["models"]["student"] = bench_model("student", str(args.student), args.student_gptq, args.student_genai, args, bandwidth)
+        report["models"]["student"] = bench_model("student", str(args.student), args.student_gptq, args.student_genai, args, bandwidth, args.student_gptq_dynamic)
     report["load_average_end"] = list(os.getloadavg())
     write_report(report, args.out, render)
     return 0

@@ -211,7 +211,7 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
             same = (g.init(f"cos_cache{suffix}", cos), g.init(f"sin_cache{suffix}", sin))
             written.append((cos, sin, same))
         caches[kind] = same
-    seqlens, total, bias, seq = _mask_inputs(g)
+    seqlens, total, bias = _mask_inputs(g)
 
     embed = model.model.embed_tokens.weight.detach().float().numpy()
     x = g.node("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], "embeddings", name="embed_tokens/Gather")[0]
@@ -259,7 +259,7 @@ def build_fused_decoder(model, *, projector: Projector, context_length: int | No
         if spec.gemma:
             pending = _plain_norm(g, f"{prefix}.post_feedforward_layernorm", layer.post_feedforward_layernorm, pending, spec)
     normed, _ = _norm(g, "model.norm", model.model.norm, residual, pending, spec)
-    normed = _keep_last(g, normed, seq)
+    normed = _keep_last(g, normed)
     head = model.lm_head.weight.detach().float().numpy().T  # (hidden, vocab); a tied head gets its own copy
     logits = "logits" if spec.final_softcap is None else "logits_uncapped"
     g.node("MatMul", [normed, g.init("lm_head.weight", np.ascontiguousarray(head))], logits, name="lm_head/MatMul")
@@ -324,7 +324,7 @@ def _gated(g: GraphWriter, prefix: str, gate_up: str, width: int, activation: st
 
 
 def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
-    """seqlens_k (batch,) int32, total_sequence_length int32 scalar = T, and the additive attention bias
+    """seqlens_k (batch,) int32, total_sequence_length int32 (1,) = T, and the additive attention bias
     (batch, 1, sequence, T): finfo.min on a row's leading zeros (left padding), 0 elsewhere.
 
     seqlens_k = sum(mask) + (index of the first 1) - 1 serves both padding conventions. A left-padded row
@@ -333,11 +333,10 @@ def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
     them) gets its real length - 1, which is how GroupQueryAttention is meant to be fed: it attends to the
     first seqlens_k + 1 slots, writes the step's keys at slot seqlens_k (over the first pad) and rotates the
     query at that position, so the pads neither count nor shift positions."""
-    shape = g.node("Shape", ["attention_mask"], "mask_shape", name="mask/Shape")[0]
-    batch = g.node("Gather", [shape, g.const(0)], "batch_size", name="mask/batch", axis=0)[0]
-    t64 = g.node("Gather", [shape, g.const(1)], "total_length_i64", name="mask/total", axis=0)[0]
-    total = g.node("Cast", [t64], "total_sequence_length", name="mask/total_i32", to=TensorProto.INT32)[0]
-    batch_1d = g.node("Unsqueeze", [batch, g.const([0])], "batch_1d", name="mask/batch_1d")[0]
+    # Fewer nodes is faster decode here: a run of a small model is a few hundred kernel calls, each a few
+    # microseconds of dispatch. Shapes are read with Shape's start/end (opset 15) instead of Shape + Gather/Slice.
+    total_1d = g.node("Shape", ["attention_mask"], "total_length_1d", name="mask/total", start=1, end=2)[0]
+    total = g.node("Cast", [total_1d], "total_sequence_length", name="mask/total_i32", to=TensorProto.INT32)[0]  # (1,): GQA takes one element
     maskf = g.node("Cast", ["attention_mask"], "mask_float", name="mask/float", to=TensorProto.FLOAT)[0]
     count = g.node("ReduceSum", ["attention_mask", g.const([1])], "mask_count", name="mask/count", keepdims=0)[0]
     first = g.node("ArgMax", [maskf], "mask_first_one", name="mask/first_one", axis=1, keepdims=0)[0]
@@ -345,26 +344,23 @@ def _mask_inputs(g: GraphWriter) -> tuple[str, str, str]:
     last = g.node("Sub", [end, g.const(1)], "seqlens_k_i64", name="mask/seqlens_k_i64")[0]
     seqlens = g.node("Cast", [last], "seqlens_k", name="mask/seqlens_k", to=TensorProto.INT32)[0]
     seen = g.node("CumSum", [maskf, g.const(1)], "mask_seen", name="mask/seen")[0]  # 0 before a row's first 1
-    started = g.node("Min", [seen, g.const(1.0, np.float32)], "mask_started", name="mask/started")[0]
-    blocked = g.node("Sub", [started, g.const(1.0, np.float32)], "mask_minus_one", name="mask/minus_one")[0]  # 0 or -1
-    bias2d = g.node("Mul", [blocked, g.const(-np.finfo(np.float32).min, np.float32)], "mask_bias_2d", name="mask/bias")[0]
-    bias4d = g.node("Unsqueeze", [bias2d, g.const([1, 2])], "mask_bias_4d", name="mask/bias_4d")[0]
-    ids_shape = g.node("Shape", ["input_ids"], "ids_shape", name="ids/Shape")[0]
-    seq = g.node("Slice", [ids_shape, g.const([1]), g.const([2])], "seq_1d", name="ids/seq")[0]
-    t_1d = g.node("Unsqueeze", [t64, g.const([0])], "total_1d", name="mask/total_1d")[0]
-    target = g.node("Concat", [batch_1d, g.const([1]), seq, t_1d], "bias_shape", name="mask/bias_shape", axis=0)[0]
-    bias = g.node("Expand", [bias4d, target], "attention_bias", name="mask/attention_bias")[0]
-    return seqlens, total, bias, seq
+    leading = g.node("Less", [seen, g.const(0.5, np.float32)], "mask_leading_zero", name="mask/leading_zero")[0]
+    bias2d = g.node("Where", [leading, g.const(np.finfo(np.float32).min, np.float32), g.const(0.0, np.float32)], "mask_bias_2d", name="mask/bias")[0]
+    bias4d = g.node("Unsqueeze", [bias2d, g.const([1, 2])], "mask_bias_4d", name="mask/bias_4d")[0]  # (batch, 1, 1, T)
+    seq = g.node("Shape", ["input_ids"], "seq_1d", name="ids/seq", start=1, end=2)[0]
+    target = g.node("Concat", [g.const([1, 1]), seq, g.const([1])], "bias_broadcast", name="mask/bias_shape", axis=0)[0]
+    bias = g.node("Expand", [bias4d, target], "attention_bias", name="mask/attention_bias")[0]  # (batch, 1, S, T)
+    return seqlens, total, bias
 
 
-def _keep_last(g: GraphWriter, hidden: str, seq: str) -> str:
+def _keep_last(g: GraphWriter, hidden: str) -> str:
     """The last `num_logits_to_keep` positions of `hidden` (0, the default, keeps all). A prefill only needs the
-    last position's logits: skipping the others saves the LM head's largest product (positions x vocab)."""
+    last position's logits: skipping the others saves the LM head's largest product (positions x vocab).
+    Slice from -keep: -0 = 0 is every position, a keep beyond the sequence clamps to all of it. The count is a
+    constant initializer, so ONNX Runtime folds the Neg at load and a run pays for the Slice alone."""
     g.init(KEEP_INPUT, np.asarray(0, np.int64))  # 0 = every position; the runtime loads the graph with 1
     keep = g.node("Unsqueeze", [KEEP_INPUT, g.const([0])], "keep_1d", name="logits/keep_1d")[0]
-    first = g.node("Sub", [seq, keep], "keep_start", name="logits/start")[0]
-    every = g.node("Equal", [keep, g.const([0])], "keep_all", name="logits/keep_all")[0]
-    start = g.node("Where", [every, g.const([0]), first], "logits_start", name="logits/where")[0]
+    start = g.node("Neg", [keep], "logits_start", name="logits/start")[0]
     return g.node("Slice", [hidden, start, g.const([np.iinfo(np.int64).max]), g.const([1])], "hidden_kept", name="logits/Slice")[0]
 
 

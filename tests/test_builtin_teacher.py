@@ -58,16 +58,18 @@ def test_unknown_builtin_and_missing_package(monkeypatch):
         models.resolve_source("builtin:smollm2-135m")
 
 
-def test_int4_export_gives_the_same_answer_at_any_batch_size_by_default(tmp_path):
+def test_int4_export_gives_the_same_answer_at_any_batch_size_at_level_0(tmp_path):
     """Issue 14: on the real model (the toys' widths are too small for ONNX Runtime's int8-activation kernels
-    to differ by batch), an int4 folder at accuracy_level 4 gives a prompt other logits in a batch than alone
-    (measured 0.04 of the logit scale, argmax changes); the default (4-bit layers at 0) stays within the judged
-    bar, and compress.json records both."""
+    to differ by batch), an int4 folder at accuracy_level 4 (the default, issue 17: 1.3x faster decode) gives a
+    prompt other logits in a batch than alone (measured 0.04 of the logit scale, argmax changes); at level 0 it
+    stays within the judged bar, and so does the default folder's graph checked at level 0. compress.json records
+    all of it."""
     pytest.importorskip("onnxruntime")
     from compress_exporters.onnx import TOLERANCES, export_onnx
 
-    fast = export_onnx("builtin:smollm2-135m", tmp_path / "level4", weights="int4", accuracy_level=4).validation
-    default = export_onnx("builtin:smollm2-135m", tmp_path / "default", weights="int4").validation
+    fast = export_onnx("builtin:smollm2-135m", tmp_path / "default", weights="int4").validation
+    exact = export_onnx("builtin:smollm2-135m", tmp_path / "level0", weights="int4", accuracy_level=0).validation
     assert fast["batch_max_rel_diff"] > 1e-2 and fast["tolerance"]["max_batch_rel_diff"] is None  # recorded, not judged
-    assert default["batch_max_rel_diff"] < TOLERANCES["int4"].max_batch_rel_diff == default["tolerance"]["max_batch_rel_diff"]
-    assert default["batch_top1_agreement"] == 1.0
+    assert fast["graph_check"]["batch_max_rel_diff"] < TOLERANCES["int4"].max_batch_rel_diff == fast["graph_check"]["tolerance"]["max_batch_rel_diff"]
+    assert exact["batch_max_rel_diff"] < TOLERANCES["int4"].max_batch_rel_diff == exact["tolerance"]["max_batch_rel_diff"]
+    assert exact["batch_top1_agreement"] == 1.0

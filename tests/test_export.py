@@ -176,8 +176,8 @@ def test_weight_formats_run_and_agree(tmp_path, tiny, weights, options):
         assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulInteger", 0) == 2 * 7 + 1 and "MatMulNBits" not in ops
         assert settings["accuracy_level"] is None
         return
-    # default: 4-bit layers at level 0 (batch-invariant), 8-bit layers and the 8-bit head at 4 (no fp32 kernel)
-    level = options.get("accuracy_level", 0 if weights == "int4" else 4)
+    # default: every quantized layer and the head at 4 (int8 activations); an explicit level applies to the head too
+    level = options.get("accuracy_level", 4)
     head_level = None if options.get("lm_head") == "float" else options.get("accuracy_level", 4)
     assert settings["accuracy_level"] == level and settings["lm_head_accuracy_level"] == head_level  # recorded, and what the graph carries
     model = onnx.load(str(result.artifact / "model.onnx"))
@@ -185,8 +185,11 @@ def test_weight_formats_run_and_agree(tmp_path, tiny, weights, options):
     assert {n.get("accuracy_level", 0) for n in nodes if n["bits"] == int(weights[3])} == {level}
     if head_level is not None:
         assert {n.get("accuracy_level", 0) for n in nodes if n["bits"] == 8} == {head_level}
-    if level == 0 or weights == "fp32":
-        assert v["batch_max_rel_diff"] < 5e-3 and v["tolerance"]["max_batch_rel_diff"] is not None  # judged
+    if level == 0:
+        assert v["batch_max_rel_diff"] < 5e-3 and v["tolerance"]["max_batch_rel_diff"] is not None and "graph_check" not in v  # judged
+    elif weights == "int4":  # int8 activations: the graph is judged again with its 4-bit layers at level 0
+        check = v["graph_check"]
+        assert check["passed"] and check["batch_max_rel_diff"] < 5e-3 and check["tolerance"] == asdict(TOLERANCES["int4"])
     head_bits = [] if options.get("lm_head") == "float" else [8]
     assert sorted(n["bits"] for n in nodes) == [int(weights[3])] * 14 + head_bits  # 7 projections x 2 layers (+ head)
 
@@ -230,15 +233,19 @@ def test_int4_from_gptq_carries_weights_exactly(tmp_path, gptq_artifact):
     assert checked == 14
 
 
-@pytest.mark.parametrize("level", [None, 4])
+@pytest.mark.parametrize("level", [None, 0])
 def test_int4_from_gptq_accuracy_levels(tmp_path, gptq_artifact, level):
     result = export_onnx(gptq_artifact, tmp_path / "onnx", weights="int4", exporter="legacy", accuracy_level=level)  # GPTQ matching on the legacy graph too
     v = result.validation
-    # the head's 4-bit GPTQ codes (lm_head auto) at level 4; 4-bit layers at level 0 (default) or 4 (int8 activations)
+    # the head's 4-bit GPTQ codes (lm_head auto); the layers and the head at level 4 (default, int8 activations) or 0
     assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
     settings = result.record["recipe"]["export"]
-    assert settings["lm_head"] == "int4" and (settings["accuracy_level"], settings["lm_head_accuracy_level"]) == ((0, 4) if level is None else (4, 4))
-    assert v["tolerance"] == asdict(TOLERANCES["int4-gptq" if level is None else "int4-gptq-level4"])
+    assert settings["lm_head"] == "int4" and (settings["accuracy_level"], settings["lm_head_accuracy_level"]) == ((4, 4) if level is None else (0, 0))
+    assert v["tolerance"] == asdict(TOLERANCES["int4-gptq-level4" if level is None else "int4-gptq"])
+    if level is None:  # the traced graph is checked at level 0 too
+        assert v["graph_check"]["passed"] and v["graph_check"]["tolerance"] == asdict(TOLERANCES["int4-gptq"]) and v["graph_check"]["max_rel_diff"] < 0.03
+    else:
+        assert "graph_check" not in v
 
 
 def test_gptq_artifact_needs_its_own_format(tmp_path, gptq_artifact):

@@ -2,6 +2,7 @@
 the cache) for every family it covers, GPTQ int4 equals the dequantized GPTQ model and its fused tensors are the
 GPTQ layers exactly, and what it cannot export goes to torch.onnx (auto) or is refused (fused)."""
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from compress_exporters import matmulnbits  # noqa: E402
 from compress_exporters.graph import FUSED_FAMILIES  # noqa: E402
 from compress_exporters.onnx import TOLERANCES, ExportError, export_onnx  # noqa: E402
 from compress_exporters.runtime import create_session  # noqa: E402
-from compress_exporters.validation import Tolerance, compare_with_torch  # noqa: E402
+from compress_exporters.validation import Tolerance, ValidationFailedError, compare_with_torch  # noqa: E402
 
 # GroupQueryAttention needs head sizes that are multiples of 16: 64 wide with 4 heads (2 KV heads).
 WIDE = dict(hidden_size=64, intermediate_size=128)
@@ -184,8 +185,8 @@ def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
     details = result.record["onnx"]["weights"]
     assert details["layers"] == 14 and details["matmulnbits_nodes"] == 8 and details["act_order_layers"] == 14
     # act-order Gathers: one for q/k/v (one Hessian, one permutation), o_proj, gate/up; none for down_proj,
-    # whose input gate/up write pre-sorted: 3 a layer, + the embedding + the mask's two shape reads
-    assert ops(result.artifact)["Gather"] == 3 * 2 + 1 + 2
+    # whose input gate/up write pre-sorted: 3 a layer, + the embedding
+    assert ops(result.artifact)["Gather"] == 3 * 2 + 1
     reference = load_quantized(gptq_fused)
     comparison = compare_with_torch(create_session(result.artifact / "model.onnx"), reference, PROMPTS, decode_steps=4)
     assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0, comparison
@@ -210,16 +211,41 @@ def test_fused_gptq_int4_equals_the_dequantized_model(tmp_path, gptq_fused):
     assert checked == 2
 
 
-@pytest.mark.parametrize("lm_head,expected", [(None, {(4, 0), (4, 4)}), ("int8", {(4, 0), (8, 4)})], ids=["auto-4-bit-head", "8-bit-head"])
+@pytest.mark.parametrize("lm_head,expected", [(None, {(4, 4)}), ("int8", {(4, 4), (8, 4)})], ids=["auto-4-bit-head", "8-bit-head"])
 def test_fused_gptq_default_levels_and_close(tmp_path, gptq_fused, lm_head, expected):
-    # 4-bit layers at level 0; the head at 4, whether its 4-bit GPTQ codes (auto) or 8 bits
+    # every quantized layer at level 4 (int8 activations), the head too, whether its 4-bit GPTQ codes (auto) or 8 bits;
+    # the graph is also checked with its 4-bit layers at level 0, against the sharp bars
     result = export_onnx(gptq_fused, tmp_path / "onnx", weights="int4", lm_head=lm_head)
     v = result.validation
-    assert v["passed"] and v["top1_agreement"] >= 0.95 and v["max_rel_diff"] < 0.03
-    assert v["batch_max_rel_diff"] < 1e-3 and v["batch_top1_agreement"] == 1.0
+    assert v["passed"] and v["top1_agreement"] >= 0.95 and v["tolerance"] == asdict(TOLERANCES["int4-gptq-level4"])
+    check = v["graph_check"]
+    assert check["passed"] and check["tolerance"] == asdict(TOLERANCES["int4-gptq"]) and "accuracy_level 0" in check["reference"]
+    assert check["max_rel_diff"] < 0.03 and check["batch_max_rel_diff"] < 1e-3 and check["batch_top1_agreement"] == 1.0
     model = onnx.load(str(result.artifact / "model.onnx"))
     levels = {(attrs["bits"], attrs.get("accuracy_level", 0)) for n in model.graph.node if n.op_type == "MatMulNBits" for attrs in [{a.name: a.i for a in n.attribute}]}
     assert levels == expected
+    assert not list(result.artifact.glob(".graph-check*"))  # the check's copy of the graph is gone
+
+
+def test_level0_graph_check_catches_what_int8_activations_hide(tmp_path, gptq_fused, monkeypatch):
+    """A graph error that keeps every argmax (the final norm 10% too large: all logits scaled) passes the
+    level-4 bar, which judges top-1 only; the check of the same graph at level 0 refuses it by its logits."""
+    from compress_exporters import build
+
+    real = build.apply_weights
+
+    def scaled_final_norm(proto, *args, **kwargs):
+        proto, details = real(proto, *args, **kwargs)
+        norm = next(t for t in proto.graph.initializer if t.name == "model.norm.weight")
+        norm.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(norm) * np.float32(1.1), norm.name))
+        return proto, details
+
+    monkeypatch.setattr(build, "apply_weights", scaled_final_norm)
+    with pytest.raises(ValidationFailedError, match="4-bit layers at accuracy_level 0"):
+        export_onnx(gptq_fused, tmp_path / "onnx", weights="int4")
+    assert not (tmp_path / "onnx").exists()
+    monkeypatch.setattr(build, "apply_weights", real)
+    assert export_onnx(gptq_fused, tmp_path / "onnx", weights="int4").validation["graph_check"]["passed"]
 
 
 def test_what_the_fused_graph_cannot_export(tmp_path, tiny_narrow, fused_model):

@@ -261,6 +261,25 @@ def test_identity_hessian_mse_equals_rtn_with_mse_params(scale_search):
         assert torch.equal(r.scales[g], scale) and torch.equal(r.zeros[g], zero.to(torch.int32))
 
 
+def test_static_groups_weigh_each_column_by_its_own_hessian_diagonal():
+    # Static groups with "mse-hessian": each natural-order group's grid is searched up front, every column
+    # weighted by its diagonal of the Cholesky factor in the act-order visiting order. With a diagonal H that
+    # factor is diag(1 / sqrt(H_jj + damp)): a group whose columns carry very different weights gets the
+    # weighted search's grid, not the unweighted one.
+    W, grid, size = weight(16, 64), QuantGrid(3), 32
+    h = torch.ones(64)
+    h[::2] = 100.0  # even columns matter 100x more
+    H = torch.diag(h)
+    r = gptq(W, H, grid, group_size=size, damp=0.0, act_order=True, static_groups=True, scale_search="mse-hessian")
+    assert torch.equal(r.g_idx, (torch.arange(64) // size).to(torch.int32))  # sequential: no permutation to export
+    for g in range(64 // size):
+        cols = slice(g * size, (g + 1) * size)
+        scale, zero = find_params_mse(W[:, cols], grid, weights=h[cols], norm=2.0)  # weights = d^-2 = H_jj
+        assert torch.allclose(r.scales[g], scale) and torch.equal(r.zeros[g], zero.to(torch.int32))
+        plain, _ = find_params_mse(W[:, cols], grid, norm=2.0)
+        assert not torch.equal(plain, scale)  # the weighting changed the grid: the test can tell them apart
+
+
 @pytest.mark.parametrize("scale_search", ["mse", "mse-hessian"])
 def test_mse_scale_search_lowers_gptq_output_error(scale_search):
     # Heavy-tailed weights (a few large entries per row) are where clipping the range pays.

@@ -197,8 +197,6 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
         check_weight(W)
     if scale_search not in SCALE_SEARCHES:
         raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {scale_search!r}")
-    if static_groups and scale_search == "mse-hessian":
-        raise ValueError("scale_search='mse-hessian' weighs columns by the Cholesky factor of the visiting order; use 'mse' with static_groups")
     rows, cols = W.shape
     maxq = grid.maxq
     dtype = W.dtype
@@ -226,8 +224,11 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
     zeros = torch.empty(n_groups, rows, device=W.device)
     static = static_groups and group_size != -1
     if static:
+        # Each original column's weight in the greedy objective is its diagonal of the Cholesky factor in the
+        # visiting order (what the column loop divides its error by), so "mse-hessian" applies here too.
+        d_orig = Hinv.diagonal()[torch.argsort(perm)]  # (cols,)
         for g in range(n_groups):
-            scales[g], zeros[g] = _group_params(W[:, g * size : (g + 1) * size], grid, scale_search, None)
+            scales[g], zeros[g] = _group_params(W[:, g * size : (g + 1) * size], grid, scale_search, d_orig[g * size : (g + 1) * size])
 
     # Transposed working copy: column j of W is the contiguous row Wt[j], so the column loop
     # below reads and updates contiguous memory.
