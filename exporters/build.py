@@ -297,6 +297,10 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
             raise ExportError(f"GPTQ layers {missing[:4]} were not found as MatMuls of the exported graph; cannot carry their weights over")
         nodes = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
         act_order = sum(w.perm is not None for _, w in nbits.values())
+        if act_order:
+            details["note"] = (f"{act_order} layers carry act-order's scattered groups: their inputs are permuted by a Gather each decoded token, which "
+                               "cost 5-12% of decode speed on the quickstart models (benchmarks/results/export_latency-static-groups.md); "
+                               "quantize with quantize.static_groups: true for a folder without them")
         details.update(method="GPTQ codes repacked into MatMulNBits", layers=len(nbits), matmulnbits_nodes=nodes, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
         if head_nbits:
             if not fmt.replace_with_nbits(proto, head_nbits, accuracy_level=settings["lm_head_accuracy_level"]):
@@ -365,6 +369,8 @@ def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=N
             proto, carried = onnx.load(str(work / "decoder.onnx")), None
         export_s = time.perf_counter() - t0
         proto, quant_details = apply_weights(proto, source, settings, nbits, work, carried=carried, head_nbits=head_nbits)
+        if "note" in quant_details:
+            notes.append(quant_details.pop("note"))
         ops = op_counts(proto)
         save_model(proto, tmp)
         del proto

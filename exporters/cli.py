@@ -72,5 +72,9 @@ def describe(result) -> str:
         f"validation vs {v['reference']}: max |logit diff| {v['max_abs_diff']:.3g} (relative {v['max_rel_diff']:.3g}), "
         f"top-1 agreement {v['top1_agreement']:.3f} over {v['positions']} positions ({v['prompts']} prompts, {v['decode_steps']} decode steps)",
     ]
+    if "graph_check" in v:
+        c = v["graph_check"]
+        lines.append(f"graph check, 4-bit layers at accuracy_level 0: relative logit diff {c['max_rel_diff']:.3g}, top-1 {c['top1_agreement']:.3f}, "
+                     f"each prompt alone vs in the batch {c['batch_max_rel_diff']:.3g}")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

@@ -211,6 +211,7 @@ def test_int4_from_gptq_carries_weights_exactly(tmp_path, gptq_artifact):
     assert result.validation["top1_agreement"] == 1.0
     details = result.record["onnx"]["weights"]
     assert details["layers"] == 14 and details["act_order_layers"] == 14 and details["block_sizes"] == [64]
+    assert any("quantize.static_groups: true" in note for note in result.notes)  # scattered groups cost decode speed: said
 
     # Bit-exact: the MatMulNBits tensors dequantize to exactly the GPTQ layer's weight (no re-rounding).
     model = onnx.load(str(result.artifact / "model.onnx"))

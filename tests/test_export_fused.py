@@ -227,6 +227,29 @@ def test_fused_gptq_default_levels_and_close(tmp_path, gptq_fused, lm_head, expe
     assert not list(result.artifact.glob(".graph-check*"))  # the check's copy of the graph is gone
 
 
+def test_static_groups_export_without_input_permutations(tmp_path, tokenizer_dir, text_files):
+    """Act-order with static groups (g_idx sequential): the fused int4 graph carries the codes with no act-order
+    Gather (the only Gather left is none: the embedding is quantized), equals the dequantized model, and says
+    nothing about scattered groups; the same model with dynamic groups gets 3 Gathers a layer and the note."""
+    from compress.models import load_quantized
+    from compress.quantize.stage import run_quantize
+    from test_quantize import make_recipe
+
+    folder = save_tiny(tmp_path / "llama", "llama", tokenizer_dir, layers=2, hidden_size=64, intermediate_size=128, train_steps=20)
+    exported = {}
+    for static in (True, False):
+        gptq = run_quantize(make_recipe(tmp_path / f"r{static}", text_files, act_order=True, static_groups=static), str(folder), tmp_path / f"gptq-{static}", progress=False).artifact
+        exported[static] = (gptq, export_onnx(gptq, tmp_path / f"onnx-{static}", weights="int4", accuracy_level=0, lm_head="float"))
+    gptq, static = exported[True]
+    assert static.record["onnx"]["weights"]["act_order_layers"] == 0 and not static.notes
+    assert ops(static.artifact)["Gather"] == 1  # the float embedding's lookup; no act-order permutation
+    comparison = compare_with_torch(create_session(static.artifact / "model.onnx"), load_quantized(gptq), PROMPTS, decode_steps=4)
+    assert comparison.max_abs_diff < 1e-4 and comparison.top1_agreement == 1.0, comparison
+    _, dynamic = exported[False]
+    assert dynamic.record["onnx"]["weights"]["act_order_layers"] == 14 and ops(dynamic.artifact)["Gather"] == 3 * 2 + 1
+    assert any("static_groups" in note for note in dynamic.notes)
+
+
 def test_level0_graph_check_catches_what_int8_activations_hide(tmp_path, gptq_fused, monkeypatch):
     """A graph error that keeps every argmax (the final norm 10% too large: all logits scaled) passes the
     level-4 bar, which judges top-1 only; the check of the same graph at level 0 refuses it by its logits."""
