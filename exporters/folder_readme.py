@@ -76,6 +76,10 @@ def folder_readme(model_path: Path, *, config: dict, kv: dict, settings: dict, s
             "  `present.{i}.*` (IO binding) and the graph writes the new keys in place. `genai_config.json` says",
             "  `past_present_share_buffer: true`, so onnxruntime-genai does this itself.",
         ]
+    if settings.get("accuracy_level"):
+        lines += [f"- Quantized layers run at MatMulNBits accuracy_level {settings['accuracy_level']} (int8 activations, ONNX Runtime's fast CPU kernels):",
+                  "  a prompt's logits can move slightly with the batch it runs in (a few % of greedy tokens on real models).",
+                  "  `compress export --accuracy-level 0` gives the same answer at any batch size, for about 1.3x slower decode."]
     if keep_input:
         lines += [f"- `logits` covers every input position. The graph holds an int64 initializer `{keep_input}` (0 here, not an",
                   "  input); a copy of the graph with 1 there computes the last position's logits only, all a prefill for",

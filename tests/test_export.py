@@ -402,6 +402,7 @@ def test_folder_readme_documents_the_graph_and_its_example_runs(tmp_path, tiny, 
     for value in [*graph.input, *graph.output]:
         documented = re.sub(r"\.\d+\.", ".{i}.", value.name)
         assert f"`{documented}`" in readme, f"{value.name} is not in the folder's README"
+    assert ("accuracy_level 4 (int8 activations" in readme) == (weights == "int4")  # batch-dependent numerics are said where they apply
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     proc = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
