@@ -297,10 +297,6 @@ def apply_weights(proto, source: Source, settings: dict, nbits: dict, work: Path
             raise ExportError(f"GPTQ layers {missing[:4]} were not found as MatMuls of the exported graph; cannot carry their weights over")
         nodes = sum(n.domain == fmt.MS_DOMAIN and n.op_type == "MatMulNBits" for n in proto.graph.node)
         act_order = sum(w.perm is not None for _, w in nbits.values())
-        if act_order:
-            details["note"] = (f"{act_order} layers carry act-order's scattered groups: their inputs are permuted by a Gather each decoded token, which "
-                               "cost 5-12% of decode speed on the quickstart models (benchmarks/results/export_latency-static-groups.md); "
-                               "quantize with quantize.static_groups: true for a folder without them")
         details.update(method="GPTQ codes repacked into MatMulNBits", layers=len(nbits), matmulnbits_nodes=nodes, act_order_layers=act_order, block_sizes=sorted({w.block_size for _, w in nbits.values()}))
         if head_nbits:
             if not fmt.replace_with_nbits(proto, head_nbits, accuracy_level=settings["lm_head_accuracy_level"]):
@@ -337,7 +333,7 @@ def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=N
     from compress.artifacts import RECORD_FILE, ArtifactRecord, describe_input, device_info, staging_dir, write_json_atomic
     from compress_exporters.decoder import cache_layout, export_decoder
     from compress_exporters.runtime import create_session
-    from compress_exporters.validation import compare_with_torch, report
+    from compress_exporters.validation import compare_with_torch, report, torch_reference
     from compress_exporters.weights import op_counts
 
     # A tied embedding shares the 4-bit head's codes unless act-order permuted them (quantize_embedding then gives
@@ -369,8 +365,10 @@ def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=N
             proto, carried = onnx.load(str(work / "decoder.onnx")), None
         export_s = time.perf_counter() - t0
         proto, quant_details = apply_weights(proto, source, settings, nbits, work, carried=carried, head_nbits=head_nbits)
-        if "note" in quant_details:
-            notes.append(quant_details.pop("note"))
+        if quant_details.get("act_order_layers"):
+            notes.append(f"{quant_details['act_order_layers']} layers carry act-order's scattered groups: their inputs are permuted by a Gather each decoded token, "
+                         "which cost 5-12% of decode speed on the quickstart models (benchmarks/results/export_latency-static-groups.md); "
+                         "quantize with quantize.static_groups: true for a folder without them")
         ops = op_counts(proto)
         save_model(proto, tmp)
         del proto
@@ -379,31 +377,26 @@ def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=N
         session = create_session(tmp / MODEL_FILE, providers, threads)
         if settings["device"] == "cuda" and torch.cuda.is_available():
             model.to("cuda")
-        comparison = compare_with_torch(session, model, prompt_ids)
+        reference_rows = torch_reference(model, prompt_ids)  # one torch run for the folder and its graph check
+        comparison = compare_with_torch(session, model, prompt_ids, reference=reference_rows)
         tolerance = _batch_judged(tolerance, model.config, prompt_ids)
         reference = "torch fp32, GPTQ weights dequantized (compress.models.load_quantized)" if source.format == "gptq" else "torch fp32"
         validation = report(comparison, tolerance, reference)
         used_providers = session.get_providers()
         del session
         if check_tolerance is not None:
-            check = graph_check(tmp / MODEL_FILE, model, prompt_ids, providers, threads)
+            check = graph_check(tmp / MODEL_FILE, reference_rows, prompt_ids, providers, threads)
             validation["graph_check"] = report(check, _batch_judged(check_tolerance, model.config, prompt_ids), reference + "; the folder's graph with its 4-bit layers at accuracy_level 0")
             if not validation["graph_check"]["passed"]:
                 raise ValidationFailedError(
-                    f"the ONNX graph ({settings['weights']} from a {source.format} model) does not match {reference}: with its 4-bit layers at accuracy_level 0 "
-                    f"(fp32 activations, which leave only the graph's own errors) the max relative logit difference is {check.max_rel_diff:.3g} "
-                    f"(allowed {_bar(check_tolerance.max_rel_diff)}), top-1 agreement {check.top1_agreement:.3f} (required {check_tolerance.min_top1:g}), each prompt "
-                    f"alone vs in the batch {check.batch_max_rel_diff:.3g} (allowed {_bar(check_tolerance.max_batch_rel_diff)}). Nothing was written to {output}. "
+                    f"the ONNX graph ({settings['weights']} from a {source.format} model) does not match {reference} with its 4-bit layers at accuracy_level 0 "
+                    f"(fp32 activations, which leave only the graph's own errors): {_misses(check, check_tolerance)}. Nothing was written to {output}. "
                     "Try weights=fp32 to tell a format problem from an export problem"
                 )
         if not validation["passed"]:
             raise ValidationFailedError(
-                f"the ONNX export ({settings['weights']} from a {source.format} model) does not match {reference}: "
-                f"max relative logit difference {comparison.max_rel_diff:.3g} (allowed {_bar(tolerance.max_rel_diff)}), "
-                f"top-1 agreement {comparison.top1_agreement:.3f} (required {tolerance.min_top1:g}) over {comparison.positions} positions "
-                f"of {comparison.prompts} prompts and {comparison.decode_steps} decode steps; each prompt alone vs in the batch: max relative "
-                f"difference {comparison.batch_max_rel_diff:.3g} (allowed {_bar(tolerance.max_batch_rel_diff)}). Nothing was written to {output}. "
-                "Try weights=fp32 to tell a format problem from an export problem"
+                f"the ONNX export ({settings['weights']} from a {source.format} model) does not match {reference}: {_misses(comparison, tolerance)}. "
+                f"Nothing was written to {output}. Try weights=fp32 to tell a format problem from an export problem"
             )
         tokenizer.save_pretrained(tmp)
         config = model.config.to_dict()
@@ -436,12 +429,13 @@ def build_artifact(source: Source, output: Path, *, settings: dict, head_codes=N
     return ExportResult(artifact=output, weights=settings["weights"], source_format=source.format, validation=validation, sizes=sizes, notes=tuple(notes), record=record)
 
 
-def graph_check(path: Path, model, prompt_ids, providers: list[str], threads: int | None):
-    """The folder's graph compared with torch with its 4-bit decoder layers at accuracy_level 0 (the LM head as
-    written): int8 activations blur a wrong graph into the noise of the fast kernels (a wrong RoPE base moved the
-    teacher's max logit difference from 0.087 to 0.090 at level 4, from 0.035 to 0.075 at 0, accuracy_level.md),
-    so the structure is judged where only it can differ. A copy of the graph beside the model (its external data,
-    if any, is found by the same relative path) is loaded, compared and removed."""
+def graph_check(path: Path, reference_rows, prompt_ids, providers: list[str], threads: int | None):
+    """The folder's graph compared with torch (`reference_rows`: validation.torch_reference) with its 4-bit decoder
+    layers at accuracy_level 0, the LM head as written: int8 activations blur a wrong graph into the noise of the
+    fast kernels (a wrong RoPE base moved the teacher's max logit difference from 0.087 to 0.090 at level 4, from
+    0.035 to 0.075 at 0, accuracy_level.md), so the structure is judged where only it can differ. A copy of the
+    graph beside the model (its external data, if any, is found by the same relative path) is loaded, compared
+    and removed."""
     import onnx
     from onnx import helper
 
@@ -460,10 +454,17 @@ def graph_check(path: Path, model, prompt_ids, providers: list[str], threads: in
     onnx.save_model(proto, str(copy))
     del proto
     try:
-        session = create_session(copy, providers, threads)
-        return compare_with_torch(session, model, prompt_ids)
+        return compare_with_torch(create_session(copy, providers, threads), None, prompt_ids, reference=reference_rows)
     finally:
         copy.unlink(missing_ok=True)
+
+
+def _misses(comparison, tolerance: Tolerance) -> str:
+    """What a validation measured against what its tolerance allows, for the refusal."""
+    return (f"max relative logit difference {comparison.max_rel_diff:.3g} (allowed {_bar(tolerance.max_rel_diff)}), "
+            f"top-1 agreement {comparison.top1_agreement:.3f} (required {tolerance.min_top1:g}) over {comparison.positions} positions "
+            f"of {comparison.prompts} prompts and {comparison.decode_steps} decode steps; each prompt alone vs in the batch: max relative "
+            f"difference {comparison.batch_max_rel_diff:.3g} (allowed {_bar(tolerance.max_batch_rel_diff)})")
 
 
 def _bar(value: float | None) -> str:

@@ -129,12 +129,20 @@ def onnx_rows(session, prompt_ids: list[list[int]], forced: np.ndarray) -> list[
     return [np.concatenate(r) for r in rows]
 
 
-def compare_with_torch(session, model, prompt_ids: list[list[int]], *, decode_steps: int = DECODE_STEPS) -> Comparison:
+def torch_reference(model, prompt_ids: list[list[int]], *, decode_steps: int = DECODE_STEPS) -> tuple[list[np.ndarray], np.ndarray]:
+    """What `compare_with_torch` compares against: per row the torch logits, and the greedy tokens (batch, steps).
+    Computed once, it serves several sessions of the same model (build.graph_check)."""
+    return _torch_rows(model, prompt_ids, decode_steps)
+
+
+def compare_with_torch(session, model, prompt_ids: list[list[int]], *, decode_steps: int = DECODE_STEPS, reference: tuple | None = None) -> Comparison:
     """Run `model` (torch, eval) on the left-padded batch, then `session` (onnxruntime) on the same batch,
     teacher-forced with the torch model's greedy tokens for `decode_steps` steps, and compare logits where the
     mask is 1. Then run `session` on each prompt alone (batch 1, the same forced tokens) and compare it with the
-    batched run: an app gets the same answer at any batch size only if these agree."""
-    torch_rows, forced = _torch_rows(model, prompt_ids, decode_steps)
+    batched run: an app gets the same answer at any batch size only if these agree. `reference`: the model's
+    `torch_reference` for these prompts, when already computed (`model` is then not run)."""
+    torch_rows, forced = reference if reference is not None else _torch_rows(model, prompt_ids, decode_steps)
+    decode_steps = forced.shape[1]
     batched = onnx_rows(session, prompt_ids, forced)
     alone = [onnx_rows(session, [prompt], forced[r:r + 1])[0] for r, prompt in enumerate(prompt_ids)]
     onnx_logits, torch_logits = np.concatenate(batched), np.concatenate(torch_rows)

@@ -223,10 +223,11 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
     scales = torch.empty(n_groups, rows, device=W.device)
     zeros = torch.empty(n_groups, rows, device=W.device)
     static = static_groups and group_size != -1
+    invperm = torch.argsort(perm)  # (cols,) each original column's place in the visiting order
     if static:
         # Each original column's weight in the greedy objective is its diagonal of the Cholesky factor in the
         # visiting order (what the column loop divides its error by), so "mse-hessian" applies here too.
-        d_orig = Hinv.diagonal()[torch.argsort(perm)]  # (cols,)
+        d_orig = Hinv.diagonal()[invperm]  # (cols,)
         for g in range(n_groups):
             scales[g], zeros[g] = _group_params(W[:, g * size : (g + 1) * size], grid, scale_search, d_orig[g * size : (g + 1) * size])
 
@@ -273,7 +274,6 @@ def _gptq(W, H, grid, group_size, damp, act_order, block_size, static_groups, sc
     del Wt
     codes = codes_t.T + zeros[g_perm].T  # (rows, cols): t + zero
     del codes_t
-    invperm = torch.argsort(perm)
     codes = codes[:, invperm].to(torch.int32)
     g_idx = g_perm[invperm].to(torch.int32)  # g_idx[perm[j]] = g_perm[j]
     Q = dequantize_grouped(codes, scales, zeros, g_idx)  # (rows, cols)
